@@ -1,0 +1,25 @@
+"""Every phase script answers --help, as a user would first try it."""
+
+import re
+
+import pytest
+from conftest import REPO, run_script
+
+SCRIPTS = sorted(
+    str(p.relative_to(REPO))
+    for folder in ("phase1_cnn", "phase2_attention", "phase2_lora", "phase3_ddp")
+    for p in (REPO / folder).glob("*.py")
+    if re.search(r'^if __name__ == "__main__":', p.read_text(encoding="utf-8"), re.M)
+)
+
+
+def test_every_phase_has_scripts():
+    for folder in ("phase1_cnn", "phase2_attention", "phase2_lora", "phase3_ddp"):
+        assert any(s.startswith(folder) for s in SCRIPTS), f"{folder} has no runnable script"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    proc = run_script(script, "--help", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:"), proc.stdout[:200]
