@@ -1,0 +1,275 @@
+"""Phase 1: the CIFAR-10 trainer on a small learnable data set written in the real CIFAR-10 pickle format.
+
+Training runs as a user runs it (subprocess); the bad-input cases call main() in-process (same code path, without
+paying torch's import time per case), plus one real subprocess to show the CLI's exit code and single stderr line."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, run_script
+
+PHASE = REPO / "phase1_cnn"
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# Small budgets that still learn the data below well above chance (0.1) on a CPU in a few seconds.
+LENET_ARGS = ["--model", "lenet5", "--epochs", "12", "--batch_size", "20", "--lr", "0.01", "--val_size", "50"]
+CNN_ARGS = ["--model", "cnn", "--width", "16", "--epochs", "4", "--batch_size", "25", "--lr", "0.2",
+            "--val_size", "50"]
+
+
+def write_cifar_like(root, n_per_file: int = 50, n_test: int = 100, seed: int = 0):
+    """root/cifar-10-batches-py/ as in the official archive (bytes keys, data uint8 (N, 3072) in R,G,B planes,
+    labels a list of ints, batches.meta with label_names), with ten classes of distinct patterns: a class colour
+    modulated by stripes at a class angle, random phase, pixel noise."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]], np.float32)
+    yy, xx = np.mgrid[0:32, 0:32]
+
+    def images(labels):
+        out = np.empty((len(labels), 3, 32, 32), np.float32)
+        for i, c in enumerate(labels):
+            angle = np.pi * c / 10
+            phase = rng.uniform(0, 2 * np.pi)
+            stripes = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 2 * np.pi / 8 + phase)  # (32, 32)
+            out[i] = palette[c][:, None, None] * (0.75 + 0.25 * stripes) + rng.normal(0, 20, (3, 32, 32))
+        return out.clip(0, 255).astype(np.uint8).reshape(len(labels), 3072)  # planes R, G, B
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, n in [*((f"data_batch_{i}", n_per_file) for i in range(1, 6)), ("test_batch", n_test)]:
+        labels = rng.integers(0, 10, n).tolist()
+        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": images(labels),
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        # The originals name numpy 1.x's module path; numpy 2 still answers to it.
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2).replace(b"numpy._core.", b"numpy.core."))
+    meta = {b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": n_per_file, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+def load_phase1(name: str):
+    """Import phase1_cnn/<name>.py in-process under a unique module name; siblings resolve via sys.path."""
+    if str(PHASE) not in sys.path:
+        sys.path.append(str(PHASE))  # appended: never shadows an installed package
+    spec = importlib.util.spec_from_file_location(f"phase1_{name}", PHASE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Tiny models gain nothing from intra-op threads, and on a busy machine spinning OpenMP threads slow them 5x.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def run_phase1(script: str, *args, env: dict | None = None):
+    return run_script(f"phase1_cnn/{script}", *args, env={**ONE_THREAD, **(env or {})})
+
+
+def train(data_dir, out_dir, *args, **kw):
+    return run_phase1("train.py", "--data_dir", data_dir, "--output_dir", out_dir, *args, **kw)
+
+
+def digest(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    return write_cifar_like(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="module")
+def cnn_run(cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cnn_run")
+    proc = train(cifar_dir, out, *CNN_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def check_trained_run(out, data_dir):
+    """Accuracy far above chance, best.pt chosen on validation, evaluate.py reproducing the recorded test accuracy."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    val_accs = [h["val_acc"] for h in metrics["history"]]
+    assert metrics["best"]["val_acc"] == max(val_accs) >= 0.8, val_accs
+    assert metrics["test"]["accuracy"] >= 0.8, metrics["test"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == metrics["best"]["epoch"] == val_accs.index(max(val_accs)) + 1  # first epoch at the max
+    assert best["class_names"] == CLASS_NAMES and {"optimizer", "scheduler", "args"} <= best.keys()
+
+    proc = run_phase1("evaluate.py", "--checkpoint", out / "best.pt", "--data_dir", data_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["test_accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
+    confusion = np.array(report["confusion_matrix"])
+    assert confusion.sum() == report["num_images"] == 100
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(report["test_accuracy"])
+    assert list(report["per_class_accuracy"]) == CLASS_NAMES
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "ship" in proc.stdout and "test accuracy" in proc.stdout
+
+
+def test_reader_and_batch_augmentation_match_references(cifar_dir):
+    """The reader undoes the R,G,B-plane layout; crop_flip equals F.pad(reflect) + slicing + flip; normalize equals
+    (x/255 - mean)/std."""
+    data = load_phase1("cifar_data")
+    images, labels, names = data.load_cifar10(str(cifar_dir), "train")
+    raw = pickle.loads((cifar_dir / "cifar-10-batches-py" / "data_batch_1").read_bytes(), encoding="bytes")
+    assert images.shape == (250, 3, 32, 32) and images.dtype == torch.uint8 and names == CLASS_NAMES
+    assert torch.equal(images[7], torch.from_numpy(raw[b"data"][7]).view(3, 32, 32))
+    assert labels[:50].tolist() == raw[b"labels"]
+
+    x = images[:64]
+    out = data.crop_flip(x, torch.Generator().manual_seed(3), pad=4)
+    gen = torch.Generator().manual_seed(3)  # replay the same draws
+    dy, dx = torch.randint(0, 9, (2, 64, 1), generator=gen)
+    flip = torch.rand(64, 1, generator=gen) < 0.5
+    padded = F.pad(x.float(), (4, 4, 4, 4), mode="reflect")  # (64, 3, 40, 40)
+    for i in range(64):
+        ref = padded[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(out[i].float(), ref.flip(-1) if flip[i] else ref), i
+    assert flip.any() and not flip.all() and len(set(dy.flatten().tolist())) > 3
+
+    mean, std = torch.tensor(data.CIFAR_MEAN).view(3, 1, 1), torch.tensor(data.CIFAR_STD).view(3, 1, 1)
+    torch.testing.assert_close(data.normalize(x), (x.float() / 255 - mean) / std)
+
+
+def test_lenet5_learns_and_evaluate_reproduces(cifar_dir, tmp_path):
+    proc = train(cifar_dir, tmp_path, *LENET_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch  12/12 | train loss" in proc.stdout and "62,006 parameters" in proc.stdout
+    check_trained_run(tmp_path, cifar_dir)
+
+
+def test_cnn_learns_and_evaluate_reproduces(cnn_run, cifar_dir):
+    check_trained_run(cnn_run, cifar_dir)
+
+
+def test_resume_ends_where_the_uninterrupted_run_ends(cnn_run, cifar_dir, tmp_path):
+    stopped = train(cifar_dir, tmp_path, *CNN_ARGS, "--stop_after_epoch", "2")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    resumed = train(cifar_dir, tmp_path, "--resume")  # every setting comes from last.pt
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "epoch   3/4" in resumed.stdout and "epoch   1/4" not in resumed.stdout
+
+    ref, got = (torch.load(d / "last.pt", weights_only=True) for d in (cnn_run, tmp_path))
+    assert ref["model"].keys() == got["model"].keys()
+    for name, tensor in ref["model"].items():  # weights and BatchNorm running statistics
+        assert torch.equal(tensor, got["model"][name]), name
+    for ref_state, got_state in zip(ref["optimizer"]["state"].values(), got["optimizer"]["state"].values(),
+                                    strict=True):
+        assert torch.equal(ref_state["momentum_buffer"], got_state["momentum_buffer"])
+    drop_time = lambda run: [{k: v for k, v in h.items() if k != "seconds"} for h in run["history"]]
+    assert drop_time(got) == drop_time(ref)
+    ref_metrics, got_metrics = (json.loads((d / "metrics.json").read_text()) for d in (cnn_run, tmp_path))
+    assert got_metrics["test"] == ref_metrics["test"]
+
+
+class RunsCode:
+    """A pickle that would call os.makedirs(marker) when loaded by a plain pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def bad_batch(data, labels) -> bytes:
+    return pickle.dumps({b"data": data, b"labels": labels}, protocol=2)
+
+
+BAD_FILES = {  # case: (file to replace, new content or None to delete, expected message)
+    "missing": ("data_batch_3", None,
+                "data_batch_3 is missing: run with --download, or unpack the CIFAR-10 python archive there"),
+    "corrupt": ("data_batch_2", b"\x80\x02this is not a pickle", "data_batch_2 is not a readable CIFAR-10 pickle"),
+    "shape": ("data_batch_1", bad_batch(np.zeros((5, 1024), np.uint8), [0] * 5),
+              "data has shape (5, 1024), expected (N, 3072)"),
+    "dtype": ("test_batch", bad_batch(np.zeros((5, 3072), np.float32), [0] * 5),
+              "data has dtype float32, expected uint8"),
+    "labels": ("data_batch_4", bad_batch(np.zeros((5, 3072), np.uint8), [0, 1, 12, 3, 4]),
+               "labels must be in 0..9, found 12"),
+    "count": ("data_batch_5", bad_batch(np.zeros((5, 3072), np.uint8), [0, 1]), "5 images but 2 labels"),
+    "meta": ("batches.meta", pickle.dumps({b"label_names": [b"cat"]}), "expected 'label_names' with 10 entries"),
+}
+
+
+@pytest.fixture
+def guarded_run(cnn_run, tmp_path):
+    """A copy of a finished run's outputs; every bad-input case points at it, and none may change it."""
+    out = tmp_path / "guarded"
+    shutil.copytree(cnn_run, out)
+    before = digest(out)
+    yield out
+    assert digest(out) == before, "a failed run touched existing outputs"
+
+
+def expect_bad_input(capsys, module_name: str, argv: list, message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_phase1(module_name).main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_data_file(case, cifar_dir, guarded_run, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    shutil.copytree(cifar_dir, data_dir)
+    name, content, message = BAD_FILES[case]
+    target = data_dir / "cifar-10-batches-py" / name
+    target.unlink() if content is None else target.write_bytes(content)
+    expect_bad_input(capsys, "train", ["--data_dir", data_dir, "--output_dir", guarded_run, *LENET_ARGS], message)
+
+
+def test_pickle_cannot_run_code(cifar_dir, guarded_run, tmp_path, capsys):
+    data_dir, marker = tmp_path / "data", tmp_path / "pwned"
+    shutil.copytree(cifar_dir, data_dir)
+    (data_dir / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": RunsCode(str(marker))}))
+    expect_bad_input(capsys, "train", ["--data_dir", data_dir, "--output_dir", guarded_run], "refusing to load")
+    assert not marker.exists()
+
+
+def test_bad_run_settings_and_checkpoints(cifar_dir, guarded_run, tmp_path, capsys):
+    common = ["--data_dir", cifar_dir]
+    expect_bad_input(capsys, "train", [*common, "--output_dir", guarded_run, "--resume", "--model", "lenet5"],
+                     "last.pt was trained with --model cnn, not lenet5")
+    expect_bad_input(capsys, "train", [*common, "--output_dir", tmp_path / "empty", "--resume"],
+                     "last.pt not found: nothing to resume")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    expect_bad_input(capsys, "evaluate", [*common, "--checkpoint", tmp_path / "junk.pt"],
+                     "junk.pt is not a readable checkpoint")
+    expect_bad_input(capsys, "evaluate", [*common, "--checkpoint", tmp_path / "missing.pt"],
+                     "missing.pt not found: train one first")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_cli_device_cuda_without_cuda(cifar_dir, guarded_run):
+    """The real command line: exit code 2, one line on stderr, no traceback (CUDA hidden even on a GPU machine)."""
+    proc = train(cifar_dir, guarded_run, "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --device cuda was asked for, but torch sees no CUDA GPU (CPU-only torch build or no driver): "
+        "install a CUDA build of torch (see README), or use --device cpu"]
+
+
+def test_benchmark_runs_both_pipelines():
+    proc = run_phase1("benchmark.py", "--synthetic", "--num_images", "512", "--batch_size", "64",
+                      "--steps", "3", "--warmup", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    textbook = float(next(ln for ln in lines if ln.startswith("textbook")).split()[-1])
+    ours = float(next(ln for ln in lines if ln.startswith("ours")).split()[-1])
+    ratio = float(lines[-1].split()[1].rstrip("x"))
+    assert textbook > 0 and ours > 0 and ratio == pytest.approx(ours / textbook, rel=0.01)
