@@ -44,7 +44,7 @@ QWEN_CHAT_TEMPLATE = (
 # Qwen2's pre-tokenizer regex: splits into words, single digits, punctuation runs and
 # whitespace before byte-level BPE sees the text (copied from transformers' Qwen2Tokenizer).
 PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 )
 
 # A small built-in corpus so the tokenizer learns common English and Chinese pieces even
@@ -134,6 +134,10 @@ def build_model(tok: Qwen2Tokenizer, args: argparse.Namespace) -> Qwen2ForCausal
         num_attention_heads=args.num_heads,
         num_key_value_heads=args.num_kv_heads,
         max_position_embeddings=args.max_position_embeddings,
+        # Qwen's 0.02 suits hidden size 2048. At hidden size 64 it makes the frozen lm_head so small that
+        # logits stay within about +-1.5: LoRA could flip the argmax but never reach a low loss. 0.2 is
+        # about 1.6 / sqrt(64), so a LoRA fine-tune of a few dozen steps memorises answers confidently.
+        initializer_range=0.2,
         rope_theta=1_000_000.0,               # Qwen1.5's value
         tie_word_embeddings=False,             # Qwen1.5-1.8B keeps lm_head separate
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),

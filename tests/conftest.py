@@ -34,3 +34,37 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     proc = run_script("phase2_lora/make_tiny_model.py", "--output_dir", out)
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+# ---------------------------------------------------------------- phase 2 LoRA: a trained tiny adapter
+
+PERSONA_PATH = REPO / "data" / "persona_zh.json"  # our own persona/style data set (Alpaca JSON list)
+TRAINED_N = 8  # trained_adapter memorises exactly the first TRAINED_N records of PERSONA_PATH
+
+
+def persona_records(n: int = TRAINED_N) -> list[dict]:
+    """The first n records of PERSONA_PATH: the ones trained_adapter was trained on (for n <= TRAINED_N)."""
+    import json
+    return json.loads(PERSONA_PATH.read_text(encoding="utf-8"))[:n]
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter trained by `phase2_lora/finetune.py` on tiny_model_dir, once per test session.
+
+    4-bit NF4 QLoRA on CPU, on the first TRAINED_N records of PERSONA_PATH (`--max_samples 8 --val_size 0`,
+    default system prompt, no `--system`), dropout 0, 60 full-batch steps at lr 1e-2: training loss ends near
+    0.05 and greedy decoding of each trained prompt (`persona_records()`, rendered with the tokenizer's chat
+    template, add_generation_prompt=True) reproduces its `output` exactly; the untrained base model does not.
+    Returns the output dir: adapter_config.json + adapter_model.safetensors (load with
+    `PeftModel.from_pretrained(base, dir)`, base = tiny_model_dir), tokenizer files, run_args.json,
+    metrics.json, loss_curve.png and checkpoint-60/. Treat it as read-only: it is shared by all tests.
+    """
+    out = tmp_path_factory.mktemp("lora") / "tiny-persona-lora"
+    proc = run_script(
+        "phase2_lora/finetune.py", "--model_name_or_path", tiny_model_dir, "--data_path", PERSONA_PATH,
+        "--output_dir", out, "--quantization", "4bit", "--max_samples", TRAINED_N, "--val_size", 0,
+        "--max_steps", 60, "--batch_size", TRAINED_N, "--grad_accum", 1, "--lr", 1e-2, "--lora_dropout", 0,
+        "--logging_steps", 5, "--save_steps", 1000, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

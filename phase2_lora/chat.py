@@ -1,0 +1,287 @@
+"""Chat with a base model plus its LoRA adapter: streaming multi-turn chat in the terminal, scripted
+answers, a before/after comparison, and merging the adapter into a standalone model.
+
+    python phase2_lora/chat.py --adapter checkpoints/qwen1.5-1.8b-lora                   # interactive
+    python phase2_lora/chat.py --adapter DIR --greedy --prompt "你是谁？" --prompt "..."   # scripted
+    printf '你好\\n我刚才说了什么？\\n' | python phase2_lora/chat.py --adapter DIR          # piped turns
+    python phase2_lora/chat.py --adapter DIR --compare --prompt "你是谁？"                 # before/after
+    python phase2_lora/chat.py --adapter DIR --merge_to checkpoints/qwen1.5-1.8b-merged
+
+stdout carries only answers; logs and errors go to stderr.
+  interactive (stdin is a terminal): answers stream token by token; /reset, /system TEXT, /exit;
+    Ctrl-C stops the answer being generated, Ctrl-C at the prompt or Ctrl-D exits.
+  --prompt (repeatable): each prompt is a fresh one-turn chat; one line per answer on stdout,
+    JSON-encoded (json.loads(line) gives the answer; newlines inside an answer are "\\n").
+  piped stdin: every line is the next user turn of ONE conversation (history kept, /commands work);
+    one JSON line per answer, as for --prompt.
+  --compare: per prompt (one-turn, from --prompt or stdin lines), a Markdown table row
+    | prompt | base model | base + LoRA |, the base answer generated with the adapter disabled.
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = "/reset (clear the history), /system TEXT (set the system prompt; /system alone removes it), /exit"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="LoRA adapter dir written by finetune.py; omit it to chat with the base model alone")
+    p.add_argument("--model_name_or_path", default=None,
+                   help="base model (hub id or local dir); default: base_model_name_or_path of the adapter's "
+                        "adapter_config.json")
+    p.add_argument("--ignore_base_mismatch", action="store_true",
+                   help="use --model_name_or_path even if the adapter records another base (e.g. a renamed copy)")
+    p.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"], default="auto",
+                   help="base weights. auto: what the adapter was trained with (its run_args.json), else 4bit "
+                        "(NF4) on a GPU and none (fp32) on CPU, where 4bit works but is slower")
+    p.add_argument("--trust_remote_code", action="store_true", help="run modelling code shipped with the model")
+    p.add_argument("--max_context", type=int, default=None,
+                   help="context window in tokens (default: the model's max_position_embeddings); lower it to "
+                        "bound KV-cache memory on small GPUs")
+    p.add_argument("--system", default=None,
+                   help="system prompt (default: the one the adapter was trained with, else the chat template's own)")
+    p.add_argument("--prompt", action="append", default=[], help="ask this and exit; repeatable")
+    p.add_argument("--compare", action="store_true", help="answer each prompt with and without the adapter")
+    p.add_argument("--merge_to", type=Path, default=None,
+                   help="merge the adapter into an unquantized copy of the base, save it to this new dir, exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="log each rendered prompt (template + kept history) and tokens/s to stderr")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max_new_tokens", type=int, default=512, help="answer length cap (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.7, help="softmax temperature (default: %(default)s)")
+    g.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (default: %(default)s)")
+    g.add_argument("--top_k", type=int, default=20, help="sample among the k likeliest tokens (default: %(default)s)")
+    g.add_argument("--repetition_penalty", type=float, default=None,
+                   help="default 1.05 when sampling, 1.0 (none) with --greedy")
+    g.add_argument("--greedy", action="store_true", help="argmax decoding (deterministic); ignores temperature/top_p/k")
+    g.add_argument("--seed", type=int, default=0, help="each answer is sampled from this seed (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def die(message: str):
+    """Bad input: one line on stderr and exit code 2, like argparse's own errors."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- cheap checks, before loading anything
+
+def read_adapter_config(adapter: Path) -> dict:
+    if not adapter.is_dir():
+        what = "is a file, not a directory" if adapter.exists() else "does not exist"
+        die(f"adapter directory {adapter} {what}; pass the --output_dir of finetune.py")
+    if not (adapter / "adapter_config.json").is_file():
+        hint = (f"; it looks like a full model: chat with it via --model_name_or_path {adapter}"
+                if (adapter / "config.json").is_file() else "; pass the --output_dir of finetune.py")
+        die(f"{adapter} is not a PEFT adapter (no adapter_config.json){hint}")
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        die(f"{adapter} has adapter_config.json but no adapter_model.safetensors; did training finish?")
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        die(f"{adapter}/adapter_config.json is not valid JSON ({e})")
+    if not isinstance(config, dict):
+        die(f"{adapter}/adapter_config.json must hold a JSON object")
+    return config
+
+
+def apply_training_defaults(args) -> None:
+    """Chat the way the adapter was trained: finetune.py's run_args.json gives the base weights'
+    quantization (for --quantization auto) and the system prompt (unless --system is given)."""
+    try:
+        run_args = json.loads((args.adapter / "run_args.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no run_args.json (an adapter from elsewhere): device defaults
+        run_args = {}
+    trained = run_args.get("quantization") if isinstance(run_args, dict) else None
+    args.trained_quantization = trained if trained in ("4bit", "8bit", "none") else None
+    if args.system is None and isinstance(run_args, dict) and isinstance(run_args.get("system"), str):
+        args.system = run_args["system"] or None
+        if args.system:
+            log(f"system prompt from {args.adapter}/run_args.json: {args.system!r}")
+
+
+def same_base(recorded: str, given: str) -> bool:
+    """Whether two spellings name one base model. Two local dirs: the same resolved path. Two hub ids:
+    equal ignoring case (the hub is case-insensitive). A hub id and a local dir: the same last
+    component, i.e. a download of that model (Qwen/Qwen1.5-1.8B-Chat ~ ~/models/Qwen1.5-1.8B-Chat)."""
+    a, b = Path(recorded).expanduser(), Path(given).expanduser()
+    if a.is_dir() and b.is_dir():
+        return a.resolve() == b.resolve()
+    if not a.is_dir() and not b.is_dir():
+        return recorded.strip("/").lower() == given.strip("/").lower()
+    return a.name.lower() == b.name.lower()
+
+
+def resolve_base(args) -> str:
+    """The base model to load; exits with code 2 on a bad adapter or a base mismatch."""
+    args.trained_quantization = None
+    if args.adapter is None:
+        if args.model_name_or_path is None:
+            die("pass --adapter DIR (base model read from it) and/or --model_name_or_path MODEL")
+        return args.model_name_or_path
+    recorded = read_adapter_config(args.adapter).get("base_model_name_or_path")
+    apply_training_defaults(args)
+    if args.model_name_or_path is None:
+        if not recorded:
+            die(f"{args.adapter}/adapter_config.json names no base model; pass --model_name_or_path")
+        return recorded
+    if recorded and not args.ignore_base_mismatch and not same_base(recorded, args.model_name_or_path):
+        die(f"adapter {args.adapter} was trained on {recorded}, not {args.model_name_or_path}; drop "
+            f"--model_name_or_path, or add --ignore_base_mismatch if it is a copy of the same model")
+    return args.model_name_or_path
+
+
+def check_args(args) -> str:
+    """Validate flags and paths (milliseconds) before torch/transformers/peft load (seconds). Returns the base."""
+    base = resolve_base(args)
+    if (args.compare or args.merge_to) and args.adapter is None:
+        die(f"--{'compare' if args.compare else 'merge_to'} needs --adapter")
+    if args.merge_to is not None:
+        if args.prompt or args.compare:
+            die("--merge_to only merges; chat with the result via --model_name_or_path DIR afterwards")
+        if args.merge_to.exists() and (not args.merge_to.is_dir() or any(args.merge_to.iterdir())):
+            die(f"--merge_to {args.merge_to} already exists and is not empty; remove it or pick a new dir")
+    for name in ("max_new_tokens", "max_context", "top_k"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            die(f"--{name} must be >= 1")
+    if not args.greedy and (not args.temperature > 0 or not 0 < args.top_p <= 1):
+        die("need --temperature > 0 and 0 < --top_p <= 1 (for deterministic answers use --greedy)")
+    return base
+
+
+# ---------------------------------------------------------------- the three ways to talk
+
+def answer_line(answer: str) -> str:
+    return json.dumps(answer, ensure_ascii=False)  # one line whatever the answer holds; Chinese stays readable
+
+
+def table_cell(text: str) -> str:
+    # Every line boundary (also \r, \x0b, \x1c, \u2028 ...) becomes <br>, so one row stays one line.
+    return "<br>".join(text.replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
+def run_command(session, line: str) -> bool:
+    """Handle a /command; False means exit."""
+    command, _, rest = line.partition(" ")
+    if command == "/exit":
+        return False
+    if command == "/reset":
+        session.reset()
+        log("(history cleared)")
+    elif command == "/system":
+        session.system = rest.strip() or None
+        log(f"(system prompt: {session.system!r})")
+    else:
+        log(f"unknown command {command}; commands: {COMMANDS}")
+    return True
+
+
+def reply_or_skip(session, line: str, **kwargs) -> str | None:
+    """The answer, or None after logging why the message was skipped (it alone overflows the context)."""
+    from qlora_model import UsageError  # main() has imported it already; kept out of the fast startup path
+
+    try:
+        return session.reply(line, **kwargs)
+    except UsageError as e:
+        log(f"error: {e}")
+        return None
+
+
+def chat_interactive(session) -> None:
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input(); absent on Windows)
+    log(f"chat started; commands: {COMMANDS}; Ctrl-C stops an answer, Ctrl-D exits")
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave cleanly
+            print()
+            return
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not run_command(session, line):
+                return
+            continue
+        try:
+            if reply_or_skip(session, line, on_text=lambda piece: print(piece, end="", flush=True)) is not None:
+                print()
+        except KeyboardInterrupt:
+            log("\n(answer interrupted; it is not kept in the history)")
+
+
+def chat_lines(session, lines) -> None:
+    """Piped stdin: each line is the next user turn of one conversation; one JSON line per turn,
+    `null` for a turn skipped because it did not fit the context window (the error goes to stderr)."""
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not run_command(session, line):
+                return
+            continue
+        print(answer_line(reply_or_skip(session, line)), flush=True)
+
+
+def answer_prompts(session, prompts: list[str]) -> None:
+    for i, prompt in enumerate(prompts, 1):
+        log(f"[{i}/{len(prompts)}] {prompt}")
+        session.reset()  # each --prompt is a fresh one-turn chat
+        print(answer_line(session.reply(prompt)), flush=True)
+
+
+def compare(session, prompts) -> None:
+    print("| prompt | base model | base + LoRA |\n|---|---|---|", flush=True)
+    for prompt in prompts:
+        prompt = prompt.strip()
+        if not prompt:
+            continue
+        answers = []
+        for adapter in (False, True):
+            session.reset()
+            answers.append(session.reply(prompt, adapter=adapter))
+        print("| " + " | ".join(table_cell(t) for t in (prompt, *answers)) + " |", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base = check_args(args)
+
+    # Heavy imports only now: a typo in a path costs milliseconds, not the ~10 s of importing torch + peft.
+    from chat_session import merge_adapter, open_session
+    from qlora_model import UsageError
+
+    try:
+        if args.merge_to is not None:
+            merge_adapter(base, args.adapter, args.merge_to, args.trust_remote_code, log=log)
+            return 0
+        session = open_session(args, base, log=log)
+        if args.compare:
+            compare(session, args.prompt or sys.stdin)
+        elif args.prompt:
+            answer_prompts(session, args.prompt)
+        elif sys.stdin.isatty():
+            chat_interactive(session)
+        else:
+            chat_lines(session, sys.stdin)
+    except UsageError as e:
+        die(str(e))
+    except KeyboardInterrupt:  # Ctrl-C while loading or in a scripted run: no traceback
+        log("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""phase3_ddp: finetune_ddp.py under a REAL 2-process torchrun (gloo on CPU) on the tiny Qwen2.
+
+Four training launches, shared by the tests through module fixtures:
+  single   python finetune_ddp.py, 1 process, batch 4            } same global batch of 8 per step:
+  ddp      torchrun 2 ranks, batch 2 per rank                    } adapters must match (dropout 0)
+  ddp_dropout   torchrun 2 ranks, lora_dropout 0.1               } a crash of rank 1 and a restart must
+  crashed  the same + --zero + crash of rank 1 after step 5      } give the same adapter (RNG restored too)
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, run_script
+from safetensors.torch import load_file
+
+SCRIPT = "phase3_ddp/finetune_ddp.py"
+THREADS = {"OMP_NUM_THREADS": "1"}  # one thread per process: 2 ranks on 2 cores, no oversubscription
+STEPS, SAVE_EVERY, CRASH_AT = 6, 3, 5  # 4 steps per epoch: checkpoint at 3, crash at 5, resume crosses an epoch
+
+
+def torchrun(*args, nproc: int = 2, max_restarts: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free rendezvous port per launch) with the given script arguments."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}", str(REPO / SCRIPT), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **THREADS})
+
+
+@pytest.fixture(scope="module")
+def sft_json(tmp_path_factory):
+    """40 Alpaca records with answers of 1..24 words (ranks hold very different token counts), plus one
+    invalid and one <nooutput> record that must be skipped."""
+    words = ["alpha", "beta", "gamma", "delta", "apple", "banana", "cherry", "river", "mountain", "ocean", "cloud",
+             "rain", "sun", "moon", "star"]
+    records = [{"instruction": f"Say item {i}", "input": "" if i % 3 else "with some input",
+                "output": " ".join(words[(i * 7 + j) % len(words)] for j in range(1 + (i * 11) % 24))}
+               for i in range(40)]
+    records += [{"instruction": "draw a cat", "input": "", "output": "<nooutput>"}, {"instruction": "", "output": "x"}]
+    path = tmp_path_factory.mktemp("ddp_data") / "sft.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def train_flags(model, data, out, **overrides) -> list[str]:
+    flags = {"model_name_or_path": model, "data_path": data, "output_dir": out, "max_steps": STEPS,
+             "grad_accum": 2, "val_size": 4, "save_every": SAVE_EVERY, "lr": 1e-3, "lora_dropout": 0,
+             "quantization": "4bit", **overrides}
+    return [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
+
+
+def finished(proc: subprocess.CompletedProcess, out) -> dict:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return {"dir": out, "log": proc.stdout + proc.stderr, "adapter": load_file(out / "adapter_model.safetensors"),
+            "metrics": json.loads((out / "metrics.json").read_text(encoding="utf-8"))}
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, sft_json, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "adapter"
+    proc = run_script(SCRIPT, *train_flags(tiny_model_dir, sft_json, out, batch_size=4), env=THREADS, timeout=300)
+    return finished(proc, out)
+
+
+@pytest.fixture(scope="module")
+def ddp(tiny_model_dir, sft_json, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "adapter"
+    return finished(torchrun(*train_flags(tiny_model_dir, sft_json, out, batch_size=2)), out)
+
+
+@pytest.fixture(scope="module")
+def ddp_dropout(tiny_model_dir, sft_json, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_dropout") / "adapter"
+    return finished(torchrun(*train_flags(tiny_model_dir, sft_json, out, batch_size=2, lora_dropout=0.1)), out)
+
+
+@pytest.fixture(scope="module")
+def crashed(tiny_model_dir, sft_json, tmp_path_factory):
+    out = tmp_path_factory.mktemp("crashed") / "adapter"
+    flags = train_flags(tiny_model_dir, sft_json, out, batch_size=2, lora_dropout=0.1, crash_at_step=CRASH_AT)
+    return finished(torchrun(*flags, "--zero", max_restarts=1), out)
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_ranks_match_one_process_with_twice_the_batch(single, ddp):
+    assert "global batch = 2 per rank x 2 accumulation x 2 ranks = 8 sequences" in ddp["log"]
+    assert "global batch = 4 per rank x 2 accumulation x 1 ranks = 8 sequences" in single["log"]
+    assert ddp["metrics"]["data"] == single["metrics"]["data"]
+    assert (ddp["metrics"]["data"]["invalid"], ddp["metrics"]["data"]["nooutput"]) == (1, 1)
+    # Training moved the weights (B starts at 0) far more than the tolerance ...
+    assert max(v.abs().max().item() for k, v in ddp["adapter"].items() if "lora_B" in k) > 1e-3
+    # ... and 2 ranks x 2 sequences reproduce 1 process x 4 sequences: same samples per step, same
+    # global token-mean loss. (Per-rank token means averaged by DDP would miss this by ~1e-3.)
+    assert max_abs_diff(ddp["adapter"], single["adapter"]) < 1e-5
+    losses = [[h["loss"] for h in run["metrics"]["log_history"] if "loss" in h] for run in (single, ddp)]
+    assert len(losses[0]) == STEPS
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
+    assert ddp["metrics"]["eval_loss"] == pytest.approx(single["metrics"]["eval_loss"], rel=1e-5)
+
+
+def test_crashed_rank_is_restarted_and_resumes_to_the_same_adapter(ddp_dropout, crashed):
+    log = crashed["log"]
+    assert f"rank 1: injected crash after step {CRASH_AT}" in log
+    assert f"resumed from step {SAVE_EVERY} (restart 1)" in log
+    # Same LoRA weights as the uninterrupted run, with dropout on: adapter, AdamW state (ZeRO shards
+    # consolidated and re-sharded), schedule, data position and every rank's RNG were restored.
+    assert max_abs_diff(crashed["adapter"], ddp_dropout["adapter"]) < 1e-6
+    assert [h["loss"] for h in crashed["metrics"]["log_history"] if "loss" in h] == pytest.approx(
+        [h["loss"] for h in ddp_dropout["metrics"]["log_history"] if "loss" in h], rel=1e-6)
+    assert sorted(p.name for p in crashed["dir"].glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000006"]
+    # ZeRO-1: each rank holds a shard of the optimizer state; together they are the full replica.
+    full = ddp_dropout["metrics"]["optimizer_state_bytes_per_rank"]
+    shards = crashed["metrics"]["optimizer_state_bytes_per_rank"]
+    assert full[0] == full[1] > 0 and sum(shards) == full[0] and max(shards) < 0.75 * full[0]
+    assert re.search(r"rank 1: optimizer state [\d.]+ MiB \(ZeRO-1 shard; [\d.]+ MiB without\)", log)
+
+
+def test_adapter_loads_with_peft(ddp, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = ddp["dir"]
+    for name in ("adapter_config.json", "run_args.json", "loss_curve.png", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*tmp*")), "temp files left behind"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = AutoTokenizer.from_pretrained(out)("Say item 3", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        model = PeftModel.from_pretrained(base, out)
+        lora_logits = model(ids).logits
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(ddp["adapter"]) > 0
+    for key, saved in ddp["adapter"].items():
+        torch.testing.assert_close(loaded[key.replace(".weight", ".default.weight")], saved)
+    assert (lora_logits - base_logits).abs().max() > 1e-4  # the adapter is applied
+
+
+def test_phase2_chat_loads_the_ddp_adapter(ddp):
+    proc = run_script("phase2_lora/chat.py", "--adapter", ddp["dir"], "--prompt", "hi", "--greedy",
+                      "--max_new_tokens", "5", timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert isinstance(json.loads(proc.stdout.strip().splitlines()[-1]), str)
+
+
+@pytest.mark.parametrize("case", ["missing_data", "more_processes_than_gpus", "bad_flag"])
+def test_bad_input_fails_fast_on_every_rank(case, tiny_model_dir, tmp_path):
+    flags = train_flags(tiny_model_dir, tmp_path / "missing.json" if case == "missing_data" else "x.json",
+                        tmp_path / "out")
+    expected = {"missing_data": "error: data file not found",
+                "more_processes_than_gpus": "error: 2 process(es) on this machine but 0 CUDA GPU(s) visible",
+                "bad_flag": "error: --batch_size must be >= 1"}[case]
+    start = time.perf_counter()
+    if case == "bad_flag":
+        proc = run_script(SCRIPT, *flags, "--batch_size", "0", env=THREADS, timeout=120)
+        assert proc.returncode == 2
+    else:
+        extra = ["--device", "cuda"] if case == "more_processes_than_gpus" else []
+        proc = torchrun(*flags, *extra, timeout=120)  # a rank stuck at a collective would hit this timeout
+        assert proc.returncode != 0
+    assert time.perf_counter() - start < 120
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-3000:]  # rank 0 only, one line
+    assert 'finetune_ddp.py", line' not in proc.stderr  # no traceback through our code (torchrun prints its own)
+    assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_reports_scaling_efficiency(tiny_model_dir):
+    proc = run_script("phase3_ddp/benchmark.py", "--model_name_or_path", tiny_model_dir, "--steps", "2",
+                      "--warmup", "1", "--batch_size", "4", env=THREADS, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rates = [float(x) for x in re.findall(r"process\(es\) \[gloo.*-> ([\d.]+) samples/s", proc.stdout)]
+    eff = re.search(r"scaling efficiency 1 -> 2 processes: ([\d.]+) / \(2 x ([\d.]+)\) = ([\d.]+)", proc.stdout)
+    assert len(rates) == 2 and all(r > 0 for r in rates) and eff, proc.stdout
+    assert float(eff[3]) == pytest.approx(rates[1] / (2 * rates[0]), rel=0.01)
