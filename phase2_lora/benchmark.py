@@ -19,7 +19,7 @@ and trainable parameters. Recipes are cumulative, so each technique shows up as 
     python phase2_lora/benchmark.py --budget              # the analytic memory budget at 1.8B, no GPU needed
 
 Memory: on CUDA, torch.cuda.max_memory_allocated / max_memory_reserved over the steps of a setting.
-On CPU (no CUDA counters) peak_memory.py counts the bytes of live tensors: weights + everything the
+On CPU (no CUDA counters) benchmark_tools.py counts the bytes of live tensors: weights + everything the
 step allocates; there is no "reserved" on CPU.
 """
 
@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -35,10 +34,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from benchmark_tools import PeakMemory, tensor_bytes, write_atomic
 from chunked_loss import DEFAULT_CHUNK_SIZE, enable_chunked_loss
 from finetune import parse_args as finetune_args
 from lora_from_scratch import qwen_config
-from peak_memory import PeakMemory, tensor_bytes
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from qlora_model import add_lora, compute_dtype, load_model, trainable_parameters
 from tqdm import tqdm
@@ -291,12 +290,6 @@ def save_plot(rows: list[dict], path: Path, cuda: bool) -> None:
     plt.close(fig)
 
 
-def write_atomic(path: Path, write) -> None:
-    tmp = path.with_suffix(".tmp" + path.suffix)  # keeps the extension: matplotlib picks the format from it
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- main
 
 def run_recipes(args, config, device: torch.device) -> list[dict]:
@@ -367,8 +360,8 @@ def main(argv=None) -> int:
         header += ("\nPaged optimizer state lives in CUDA unified memory, outside torch's counters: add the "
                    "optimizer state column to the peaks for those recipes.")
     else:
-        header += ("\nCPU: memory = weights + peak bytes of the tensors one training step creates (peak_memory.py); "
-                   "tokens/s of a tiny model on a CPU is a smoke test, not a GPU prediction.")
+        header += ("\nCPU: memory = weights + peak bytes of the tensors one training step creates "
+                   "(benchmark_tools.py); tokens/s of a tiny model on a CPU is a smoke test, not a GPU prediction.")
     print("\n" + header + "\n\n" + table + "\n" + "\n".join(goals))
     result = {"device": where, "tiny": args.tiny, "steps": args.steps, "chunk_size": args.chunk_size,
               "memory_measure": "torch.cuda max_memory_allocated/reserved" if cuda else "CPU tensor count",

@@ -69,15 +69,17 @@ def causal_lm_chunked_loss(hidden_states: torch.Tensor, weight: torch.Tensor, la
                                  chunk_size=chunk_size, num_items=num_items_in_batch)
 
 
-def enable_chunked_loss(model, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def enable_chunked_loss(model, chunk_size: int = DEFAULT_CHUNK_SIZE, in_eval: bool = False):
     """Make a HF causal LM (plain or peft LoRA/QLoRA-wrapped) compute its training loss chunk by chunk.
 
-    The model's forward is wrapped on this instance: when it gets labels in training mode it runs the
-    decoder stack only and returns CausalLMOutputWithPast(loss=chunked loss, logits=None). Everything
-    else (eval, generate, no labels) takes the original forward. Because the call still goes through
-    model(...), it works unchanged with a custom loop (`model(**batch).loss`), the HF Trainer (which
-    passes num_items_in_batch for gradient accumulation) and DDP. LoRA layers live inside the decoder
-    (peft injects them in place), so they are trained. Returns the model.
+    The model's forward is wrapped on this instance: given labels in training mode, it runs the decoder
+    stack only and returns CausalLMOutputWithPast(loss=chunked loss, logits=None). Everything else (eval,
+    generate, no labels) takes the original forward. in_eval=True chunks the eval loss as well; the HF
+    Trainer then needs prediction_loss_only=True, as there are no logits to hand back.
+    Because the call still goes through model(...), it works unchanged with a custom loop
+    (`model(**batch).loss`), the HF Trainer (which passes num_items_in_batch under gradient accumulation)
+    and DDP. LoRA layers live inside the decoder (peft injects them in place), so they are trained.
+    Returns the model.
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -87,7 +89,7 @@ def enable_chunked_loss(model, chunk_size: int = DEFAULT_CHUNK_SIZE):
     original_forward = lm.forward
 
     def forward(input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
-        if labels is None or not lm.training:
+        if labels is None or not (lm.training or in_eval):
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return original_forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)

@@ -18,14 +18,13 @@ What each method trains (d = hidden size):
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from peak_memory import PeakMemory, tensor_bytes
+from benchmark_tools import PeakMemory, tensor_bytes, write_atomic
 from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from qlora_model import UsageError, add_lora, compute_dtype, load_model, load_tokenizer, trainable_parameters
 from sft_data import SFTCollator, load_sft_datasets
@@ -193,7 +192,7 @@ def run_method(name: str, args, tokenizer, train_ds, val_ds) -> dict:
 
 def markdown_table(rows: list[dict], cuda: bool) -> str:
     mem = "peak allocated GB" if cuda else "peak tensors MB (CPU count, step 1)"
-    lines = [f"| method | trainable params | % of model | {mem} | seconds | train loss (before -> after) "
+    lines = [f"| method | trainable params | % of model | {mem} | seconds (steps 2..N) | train loss (before -> after) "
              f"| eval loss | exact match |", "|" + "---|" * 8]
     for r in rows:
         peak = r["peak_memory_mib"] / 1024 if cuda else r["peak_memory_mib"]
@@ -221,16 +220,14 @@ def save_table_png(markdown: str, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def write_atomic(path: Path, write) -> None:
-    tmp = path.with_suffix(".tmp" + path.suffix)  # keeps the extension: matplotlib picks the format from it
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- main
 
 def run(args, model_dir: str | None) -> int:
     args.model_name_or_path = args.model_name_or_path or model_dir or "Qwen/Qwen1.5-1.8B-Chat"
+    try:  # fail before minutes of training, not after
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --output_dir {args.output_dir}: {e.strerror}") from e
     tokenizer = load_tokenizer(args.model_name_or_path)
     train_ds, val_ds, stats = load_sft_datasets(args.data_path, tokenizer, max_seq_len=args.max_seq_len,
                                                 max_samples=args.max_samples, val_size=args.val_size, seed=args.seed,
@@ -246,7 +243,6 @@ def run(args, model_dir: str | None) -> int:
              f"{', '.join(map(str, args.data_path))}, lr x{args.lr_scale:g}")
     table = markdown_table(rows, cuda)
     print("\n" + title + "\n\n" + table)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     report = {"title": title, "args": {k: str(v) for k, v in vars(args).items()}, "data": stats, "rows": rows}
     write_atomic(args.output_dir / "compare_methods.json",
                  lambda p: p.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8"))

@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ZeRO-1: shard the AdamW state over ranks (torch ZeroRedundancyOptimizer)")
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--eval_steps", type=int, default=200, help="evaluate every N steps and at the end")
-    p.add_argument("--save_every", type=int, default=200, help="checkpoint every N steps (0: never)")
+    p.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (0: never)")
     p.add_argument("--save_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir "
@@ -108,8 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "save_total_limit"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not 0 <= args.lora_dropout < 1 or args.epochs <= 0 or args.lr <= 0 or args.save_every < 0:
-        p.error("need 0 <= --lora_dropout < 1, --epochs > 0, --lr > 0 and --save_every >= 0")
+    if not 0 <= args.lora_dropout < 1 or args.epochs <= 0 or args.lr <= 0 or args.save_steps < 0:
+        p.error("need 0 <= --lora_dropout < 1, --epochs > 0, --lr > 0 and --save_steps >= 0")
     return args
 
 
@@ -339,7 +339,7 @@ def train(args, device, tokenizer, train_set, val_set, stats, resume_from, resum
                 log_history.append({"step": step, "eval_loss": evaluate(
                     ddp_model.module, val_set, collate, args.batch_size, autocast, device)})
                 say(f"step {step} | eval loss {log_history[-1]['eval_loss']:.4f}")
-            if args.save_every and step % args.save_every == 0:
+            if args.save_steps and step % args.save_steps == 0:
                 state = {"step": step, "epoch": epoch, "world_size": dist.get_world_size(),
                          "global_batch": global_batch, "log_history": log_history}
                 save_checkpoint(ddp_model.module, optimizer, scheduler, state, args.output_dir, args.save_total_limit)

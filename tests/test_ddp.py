@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 SCRIPT = "phase3_ddp/finetune_ddp.py"
 THREADS = {"OMP_NUM_THREADS": "1"}  # one thread per process: 2 ranks on 2 cores, no oversubscription
-STEPS, SAVE_EVERY, CRASH_AT = 6, 3, 5  # 4 steps per epoch: checkpoint at 3, crash at 5, resume crosses an epoch
+STEPS, SAVE_STEPS, CRASH_AT = 6, 3, 5  # 4 steps per epoch: checkpoint at 3, crash at 5, resume crosses an epoch
 
 
 def torchrun(*args, nproc: int = 2, max_restarts: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -49,7 +49,7 @@ def sft_json(tmp_path_factory):
 
 def train_flags(model, data, out, **overrides) -> list[str]:
     flags = {"model_name_or_path": model, "data_path": data, "output_dir": out, "max_steps": STEPS,
-             "grad_accum": 2, "val_size": 4, "save_every": SAVE_EVERY, "lr": 1e-3, "lora_dropout": 0,
+             "grad_accum": 2, "val_size": 4, "save_steps": SAVE_STEPS, "lr": 1e-3, "lora_dropout": 0,
              "quantization": "4bit", **overrides}
     return [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
 
@@ -110,7 +110,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(single, ddp):
 def test_crashed_rank_is_restarted_and_resumes_to_the_same_adapter(ddp_dropout, crashed):
     log = crashed["log"]
     assert f"rank 1: injected crash after step {CRASH_AT}" in log
-    assert f"resumed from step {SAVE_EVERY} (restart 1)" in log
+    assert f"resumed from step {SAVE_STEPS} (restart 1)" in log
     # Same LoRA weights as the uninterrupted run, with dropout on: adapter, AdamW state (ZeRO shards
     # consolidated and re-sharded), schedule, data position and every rank's RNG were restored.
     assert max_abs_diff(crashed["adapter"], ddp_dropout["adapter"]) < 1e-6

@@ -115,13 +115,16 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_model_dir, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     stdout = []
-    for line in proc.stdout:  # the first logged loss means the training loop (and our handler) is running
-        stdout.append(line)
-        if "'loss'" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    stdout += proc.stdout.readlines()
-    proc.wait(timeout=120)
+    try:
+        for line in proc.stdout:  # the first logged loss means the training loop (and our handler) is running
+            stdout.append(line)
+            if "'loss'" in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        stdout += proc.stdout.readlines()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()  # no-op once it has exited; never leave a 100000-step run behind
     stdout = "".join(stdout)
     assert proc.returncode == 130, proc.stderr.read()[-3000:]
     assert "--resume" in stdout

@@ -1,4 +1,4 @@
-"""Chunked loss (phase2_lora/chunked_loss.py), the CPU tensor counter (peak_memory.py) and the QLoRA benchmark."""
+"""Chunked loss (phase2_lora/chunked_loss.py), the CPU tensor counter (benchmark_tools.py) and the QLoRA benchmark."""
 
 import importlib.util
 import json
@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "phase2_lora"))
+from benchmark_tools import PeakMemory, tensor_bytes  # noqa: E402
 from chunked_loss import chunked_cross_entropy, enable_chunked_loss  # noqa: E402
-from peak_memory import PeakMemory, tensor_bytes  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -104,7 +104,8 @@ def test_enable_chunked_loss_on_a_peft_model_matches_hf(tiny_model_dir):
 
 
 def test_chunked_loss_under_the_hf_trainer_with_gradient_accumulation(tiny_model_dir, tmp_path):
-    """The integration finetune.py would use: same logged losses and eval loss with and without chunking."""
+    """The integration finetune.py would use: the same logged losses and eval loss as without chunking,
+    including a chunked eval loss (in_eval=True with prediction_loss_only=True)."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
     gen = torch.Generator().manual_seed(0)
@@ -116,10 +117,11 @@ def test_chunked_loss_under_the_hf_trainer_with_gradient_accumulation(tiny_model
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
         if chunked:
-            enable_chunked_loss(model, chunk_size=7)
+            enable_chunked_loss(model, chunk_size=7, in_eval=True)
         args = TrainingArguments(output_dir=str(tmp_path / str(chunked)), per_device_train_batch_size=2,
                                  gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2, logging_steps=1,
-                                 save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+                                 save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+                                 prediction_loss_only=True)
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
         return [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer.evaluate(data)["eval_loss"]

@@ -1,4 +1,5 @@
-"""Peak memory of a block of code, on a CUDA GPU or on the CPU.
+"""What benchmark.py and compare_methods.py share: peak memory of a block of code (on a CUDA GPU or on
+the CPU), bytes held by models and optimizers, and atomic writes of their result files.
 
 CUDA: torch's caching allocator keeps counters. `max_memory_allocated` is the peak of bytes held by
 live tensors (weights included); `max_memory_reserved` is the peak the allocator took from the driver
@@ -13,7 +14,9 @@ It slows ops down, so time code outside of it.
 """
 
 import gc
+import os
 import weakref
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -116,3 +119,10 @@ def tensor_bytes(*objects) -> int:
                 seen.add(t.untyped_storage().data_ptr())
                 total += t.untyped_storage().nbytes()
     return total
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp_path), then rename over `path`: a crash never leaves a half-written result file."""
+    tmp = path.with_suffix(".tmp" + path.suffix)  # keeps the extension: matplotlib picks the format from it
+    write(tmp)
+    os.replace(tmp, path)
