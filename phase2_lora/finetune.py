@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from chunked_loss import enable_chunked_loss
 from qlora_model import (
     QUANTIZATIONS,
     UsageError,
@@ -179,6 +180,10 @@ def run(args) -> int:
     model = load_model(args.model_name_or_path, args.quantization, args.trust_remote_code)
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      target_modules="all-linear", gradient_checkpointing=True)
+    # The loss is computed chunk by chunk over the sequence, so the (B, T, 151936) fp32 logits are never
+    # materialised: at 2048 tokens that alone is 1.16 GiB (phase2_lora/benchmark.py measures the saving).
+    # Eval loss too, which is why the Trainer below is told it gets losses only, no logits.
+    enable_chunked_loss(model, in_eval=True)
     trainable, total = trainable_parameters(model)
     print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
 
@@ -211,6 +216,7 @@ def run(args) -> int:
         length_column_name="length",                       # precomputed by sft_data, no re-tokenising
         remove_unused_columns=False,                       # keep "length" for the sampler; the collator drops it
         label_names=["labels"],
+        prediction_loss_only=True,                         # eval needs the loss only (chunked: no logits)
         seed=args.seed,
         dataloader_num_workers=0,                          # tokenised already: nothing to parallelise
         dataloader_pin_memory=cuda,
