@@ -9,9 +9,10 @@ and trainable parameters. Recipes are cumulative, so each technique shows up as 
   baseline       textbook HF + peft QLoRA: eager attention, reentrant checkpointing, torch AdamW, full logits
   +sdpa          PyTorch scaled_dot_product_attention (fused kernels, no (T, T) score matrix kept)
   +nonreentrant  non-reentrant checkpointing (qlora_model.add_lora, exactly as finetune.py)
-  +paged8bit     paged 8-bit AdamW (bitsandbytes): = finetune.py's recipe today
+  +paged8bit     paged 8-bit AdamW (bitsandbytes)
   +chunked       chunked_loss.py: the (B, T, 151936) fp32 logits are never materialised
   +bf16frozen    frozen embeddings and lm_head kept in bf16 (peft's prepare step upcasts them to fp32)
+                 = finetune.py's recipe
 
     python phase2_lora/benchmark.py                       # GPU: the full table (a few minutes on one GPU)
     python phase2_lora/benchmark.py --simulate_gb 8       # cap this process at 8 GB, like an RTX 4060
@@ -236,7 +237,8 @@ def goal_lines(rows: list[dict], recipe: str) -> list[str]:
 
 
 def memory_budget(config, seq_lens: list[int], batch_size: int, chunk_size: int) -> str:
-    """Analytic GiB per item for finetune.py today vs. the proposed recipe (+chunked +bf16frozen), counted
+    """Analytic GiB per item for +paged8bit (full logits, fp32 vocab matrices) vs. finetune.py's recipe
+    (+chunked +bf16frozen), counted
     on the meta device. Not a measurement: it leaves out one layer's recomputation workspace, autocast
     copies and allocator fragmentation, which the CUDA run includes."""
     from transformers import AutoModelForCausalLM
@@ -249,20 +251,20 @@ def memory_budget(config, seq_lens: list[int], batch_size: int, chunk_size: int)
     n_other = sum(p.numel() for p in model.parameters()) - n_quant - n_embed  # norms, q/k/v biases: fp32
     n_lora = sum(LORA["r"] * (m.in_features + m.out_features) for m in linears)
     gib, unit = (2**30, "GiB") if n_embed * 4 > 2**30 else (2**20, "MiB")  # the tiny config reads better in MiB
-    fixed_today = (n_quant * (0.5 + 1 / 64 + 4 / (64 * 256)) + n_embed * 4 + n_other * 4 + n_lora * (8 + 2)) / gib
-    fixed_new = fixed_today - n_embed * 2 / gib  # frozen embeddings + lm_head in bf16 instead of fp32
+    fixed_full = (n_quant * (0.5 + 1 / 64 + 4 / (64 * 256)) + n_embed * 4 + n_other * 4 + n_lora * (8 + 2)) / gib
+    fixed_new = fixed_full - n_embed * 2 / gib  # frozen embeddings + lm_head in bf16 instead of fp32
     lines = [f"Analytic budget, batch {batch_size} ({unit}; LoRA r={LORA['r']}: {n_lora:,} params):",
              f"NF4 weights {n_quant * (0.5 + 1 / 64 + 4 / (64 * 256)) / gib:.2f} | embeddings+lm_head fp32 "
              f"{n_embed * 4 / gib:.2f} (bf16 {n_embed * 2 / gib:.2f}) | LoRA fp32 weights+grads {n_lora * 8 / gib:.2f}"
              f" + 8-bit Adam {n_lora * 2 / gib:.2f}",
              "| seq | checkpointed layer inputs (fp32) | logits fp32 x3 (full) | logits x3 (chunked) "
-             "| total: finetune.py today | total: +chunked +bf16frozen |", "|---|---|---|---|---|---|"]
+             "| total: +paged8bit | total: +chunked +bf16frozen (finetune.py) |", "|---|---|---|---|---|---|"]
     for seq in seq_lens:
         tokens = batch_size * seq
         ckpt = config.num_hidden_layers * tokens * config.hidden_size * 4 / gib
         full = 3 * tokens * config.vocab_size * 4 / gib  # logits, log-softmax output, its gradient
         chunked = 3 * min(tokens, chunk_size) * config.vocab_size * 4 / gib
-        lines.append(f"| {seq} | {ckpt:.2f} | {full:.2f} | {chunked:.2f} | {fixed_today + ckpt + full:.2f} "
+        lines.append(f"| {seq} | {ckpt:.2f} | {full:.2f} | {chunked:.2f} | {fixed_full + ckpt + full:.2f} "
                      f"| {fixed_new + ckpt + chunked:.2f} |")
     return "\n".join(lines)
 

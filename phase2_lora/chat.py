@@ -166,8 +166,10 @@ def answer_line(answer: str) -> str:
 
 
 def table_cell(text: str) -> str:
-    # Every line boundary (also \r, \x0b, \x1c, \u2028 ...) becomes <br>, so one row stays one line.
-    return "<br>".join(text.replace("\\", "\\\\").replace("|", "\\|").splitlines())
+    # Every line boundary (also \r, \x0b, \x1c, \u2028 ...) becomes <br>, so one row stays one line; other
+    # control characters (an untrained model emits raw bytes such as \x00) become U+FFFD, as undecodable bytes do.
+    lines = text.replace("\\", "\\\\").replace("|", "\\|").splitlines()
+    return "<br>".join("".join("\ufffd" if ord(c) < 32 or ord(c) == 127 else c for c in line) for line in lines)
 
 
 def run_command(session, line: str) -> bool:

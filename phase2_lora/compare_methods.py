@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -210,10 +211,13 @@ def save_table_png(markdown: str, title: str, path: Path) -> None:
     header, _, *body = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines()]
     fig, ax = plt.subplots(figsize=(14, 0.45 * len(body) + 1.2))
     ax.axis("off")
-    table = ax.table(cellText=body, colLabels=header, loc="center", cellLoc="center")
+    table = ax.table(cellText=body, colLabels=[textwrap.fill(h, 18) for h in header], loc="center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.scale(1, 1.4)
+    for (row, _), cell in table.get_celld().items():
+        if row == 0:  # header labels wrap onto two lines
+            cell.set_height(2 * cell.get_height())
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
