@@ -199,22 +199,34 @@ def reply_or_skip(session, line: str, **kwargs) -> str | None:
         return None
 
 
-def chat_interactive(session) -> None:
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input(); absent on Windows)
-    log(f"chat started; commands: {COMMANDS}; Ctrl-C stops an answer, Ctrl-D exits")
-    while True:
-        try:
-            line = input(">>> ").strip()
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave cleanly
-            print()
-            return
+def user_turns(session, lines):
+    """The user turns among `lines`: blank lines are skipped, /commands are run here, /exit ends the stream."""
+    for raw in lines:
+        line = raw.strip()
         if not line:
             continue
         if line.startswith("/"):
             if not run_command(session, line):
                 return
             continue
+        yield line
+
+
+def terminal_lines():
+    """Lines typed at the >>> prompt, until Ctrl-D or Ctrl-C there (both leave cleanly)."""
+    while True:
+        try:
+            yield input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+
+
+def chat_interactive(session) -> None:
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input(); absent on Windows)
+    log(f"chat started; commands: {COMMANDS}; Ctrl-C stops an answer, Ctrl-D exits")
+    for line in user_turns(session, terminal_lines()):
         try:
             if reply_or_skip(session, line, on_text=lambda piece: print(piece, end="", flush=True)) is not None:
                 print()
@@ -225,14 +237,7 @@ def chat_interactive(session) -> None:
 def chat_lines(session, lines) -> None:
     """Piped stdin: each line is the next user turn of one conversation; one JSON line per turn,
     `null` for a turn skipped because it did not fit the context window (the error goes to stderr)."""
-    for raw in lines:
-        line = raw.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            if not run_command(session, line):
-                return
-            continue
+    for line in user_turns(session, lines):
         print(answer_line(reply_or_skip(session, line)), flush=True)
 
 
