@@ -115,6 +115,9 @@ def main() -> None:
     args = p.parse_args()
     try:
         device = resolve_device(args.device)
+        if min(args.batch_size, args.steps, args.num_images, args.width) < 1 or min(args.warmup, args.num_workers) < 0:
+            raise BadInput("--batch_size, --steps, --num_images and --width must be at least 1, --warmup and "
+                           "--num_workers at least 0")
         if not args.synthetic and os.path.isdir(os.path.join(args.data_dir, CIFAR_FOLDER)):
             images, labels, _ = load_cifar10(args.data_dir, "train")
             source = f"CIFAR-10 train from {args.data_dir}"

@@ -39,6 +39,9 @@ def main(argv=None) -> None:
 def run_evaluation(args) -> None:
     # ---- checkpoint and model: the architecture comes from the checkpoint's own settings
     device = resolve_device(args.device)
+    if args.batch_size < 1 or args.num_workers < 0:
+        raise BadInput(f"--batch_size must be at least 1 and --num_workers at least 0, got {args.batch_size} and "
+                       f"{args.num_workers}")
     ckpt = load_checkpoint(args.checkpoint, "train one first with python phase1_cnn/train.py, or pass --checkpoint")
     run, class_names = ckpt["args"], ckpt["class_names"]
     model = build_model(run["model"], run["width"])

@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers; 0 is right here: the images are "
                    "in memory and augmentation runs batched on the device")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt with its settings")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an output_dir that already holds a run")
     p.add_argument("--download", action="store_true", help="fetch and unpack CIFAR-10 into data_dir (needs internet)")
     p.add_argument("--stop_after_epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
     return p.parse_args(argv)
@@ -84,11 +85,21 @@ def resolve_run(args, saved: dict | None, last_path: str) -> dict:
         return {k: saved[k] for k in RUN_KEYS}
     model = given.get("model", COMMON["model"])
     run = {**COMMON, **RECIPES[model], **given}
-    for k in ("epochs", "batch_size"):
-        if run[k] < 1:
-            raise BadInput(f"--{k} must be at least 1, got {run[k]}")
-    if run["val_size"] < 0 or run["max_train_samples"] < 0 or run["cutout"] < 0:
-        raise BadInput("--val_size, --max_train_samples and --cutout must not be negative")
+    # Checked here, before any file is read or written: out of range, torch would fail later with a traceback.
+    rules = {
+        "epochs": (run["epochs"] >= 1, "at least 1"),
+        "batch_size": (run["batch_size"] >= 1, "at least 1"),
+        "width": (model != "cnn" or run["width"] >= 1, "at least 1"),
+        "lr": (run["lr"] > 0, "positive"),
+        "weight_decay": (run["weight_decay"] >= 0, "at least 0"),
+        "label_smoothing": (0 <= run["label_smoothing"] < 1, "in [0, 1)"),
+        "cutout": (0 <= run["cutout"] <= 32, "in 0..32 pixels"),
+        "val_size": (run["val_size"] >= 0, "at least 0"),
+        "max_train_samples": (run["max_train_samples"] >= 0, "at least 0"),
+    }
+    for flag, (ok, rule) in rules.items():
+        if not ok:
+            raise BadInput(f"--{flag} must be {rule}, got {run[flag]}")
     return run
 
 
@@ -121,7 +132,12 @@ def main(argv=None) -> None:
 def run_training(args) -> None:
     # ---- arguments: device, and the run's settings (from the checkpoint when resuming)
     device = resolve_device(args.device)
+    if args.num_workers < 0:
+        raise BadInput(f"--num_workers must be at least 0, got {args.num_workers}")
     last_path, best_path = os.path.join(args.output_dir, "last.pt"), os.path.join(args.output_dir, "best.pt")
+    if os.path.exists(last_path) and not (args.resume or args.overwrite):  # never replace a run by accident
+        raise BadInput(f"{args.output_dir} already holds a run ({last_path}): continue it with --resume, replace it "
+                       "with --overwrite, or pass another --output_dir")
     ckpt = load_checkpoint(last_path, "nothing to resume: drop --resume to start a run") if args.resume else None
     run = resolve_run(args, ckpt["args"] if ckpt else None, last_path)
 
@@ -229,7 +245,7 @@ def run_training(args) -> None:
             return
 
     # ---- evaluate: the validation-chosen best.pt, once, on the test set
-    model.load_state_dict(load_checkpoint(best_path, "")["model"])
+    model.load_state_dict(load_checkpoint(best_path, "it was removed during training: train again")["model"])
     test_loss, test_acc, _ = evaluate(model, test_loader, device)
     chosen = "chosen on validation" if val_size else "the last epoch"
     print(f"test: best.pt (epoch {best_epoch}, {chosen}) loss {test_loss:.4f} accuracy {test_acc:.4f}")

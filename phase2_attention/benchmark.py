@@ -63,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def usage_problem(args) -> str | None:
     """What is wrong with the arguments, in one line (None when they are fine); fills in the default devices."""
-    if min(args.lengths) <= 0 or args.batch <= 0 or args.reps <= 0 or args.threads < 0:
-        return "--lengths, --batch and --reps must be positive, --threads >= 0"
+    if min(*args.lengths, args.batch, args.reps, args.embed_dim, args.num_heads) <= 0 or args.threads < 0:
+        return "--lengths, --batch, --reps, --embed_dim and --num_heads must be positive, --threads >= 0"
     if args.embed_dim % args.num_heads:
         return f"--embed_dim ({args.embed_dim}) must be divisible by --num_heads ({args.num_heads})"
     args.devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -41,14 +41,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impl", choices=["math", "sdpa"], default="math")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.src_len = args.src_len or args.seq_len
+    if args.src_len is None:
+        args.src_len = args.seq_len
     return args
 
 
 def usage_problem(args) -> str | None:
     """What is wrong with the arguments, in one line (None when they are fine)."""
-    if min(args.batch, args.seq_len, args.src_len, args.embed_dim, args.num_heads) <= 0 or args.pad < 0:
-        return "sizes must be positive and --pad must be >= 0"
+    sizes = [args.batch, args.seq_len, args.src_len, args.embed_dim, args.num_heads]
+    if min(sizes) <= 0 or (args.kdim is not None and args.kdim <= 0) or args.pad < 0:
+        return "sizes (--batch, --seq_len, --src_len, --embed_dim, --num_heads, --kdim) must be positive, --pad >= 0"
     if args.pad >= args.src_len:
         return f"--pad ({args.pad}) must be smaller than S ({args.src_len}), or a batch element has no keys"
     if args.decode and (args.src_len != args.seq_len or args.kdim or args.no_causal):
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     B, L, S, E, H = args.batch, args.seq_len, args.src_len, args.embed_dim, args.num_heads
-    kdim = args.kdim or E
+    kdim = E if args.kdim is None else args.kdim
     try:
         if problem := usage_problem(args):
             raise ValueError(problem)

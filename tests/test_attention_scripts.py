@@ -51,6 +51,7 @@ def test_walkthrough_cross_attention_with_gqa():
     ("walkthrough.py", ["--num_heads", 3], "embed_dim (8) must be divisible by num_heads (3)"),
     ("benchmark.py", ["--embed_dim", 30, "--num_heads", 4, "--out_dir", "OUT"],
      "--embed_dim (30) must be divisible by --num_heads (4)"),
+    ("benchmark.py", ["--num_heads", 0, "--out_dir", "OUT"], "--lengths, --batch, --reps, --embed_dim and --num_heads"),
 ])
 def test_bad_arguments_give_one_error_line(script, args, message, tmp_path):
     out_dir = tmp_path / "out"

@@ -230,19 +230,23 @@ def test_bad_data_file(case, cifar_dir, guarded_run, tmp_path, capsys):
     name, content, message = BAD_FILES[case]
     target = data_dir / "cifar-10-batches-py" / name
     target.unlink() if content is None else target.write_bytes(content)
-    expect_bad_input(capsys, "train", ["--data_dir", data_dir, "--output_dir", guarded_run, *LENET_ARGS], message)
+    expect_bad_input(capsys, "train", ["--data_dir", data_dir, "--output_dir", guarded_run, "--overwrite",
+                                       *LENET_ARGS], message)
 
 
 def test_pickle_cannot_run_code(cifar_dir, guarded_run, tmp_path, capsys):
     data_dir, marker = tmp_path / "data", tmp_path / "pwned"
     shutil.copytree(cifar_dir, data_dir)
     (data_dir / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": RunsCode(str(marker))}))
-    expect_bad_input(capsys, "train", ["--data_dir", data_dir, "--output_dir", guarded_run], "refusing to load")
+    expect_bad_input(capsys, "train", ["--data_dir", data_dir, "--output_dir", guarded_run, "--overwrite"],
+                     "refusing to load")
     assert not marker.exists()
 
 
 def test_bad_run_settings_and_checkpoints(cifar_dir, guarded_run, tmp_path, capsys):
     common = ["--data_dir", cifar_dir]
+    expect_bad_input(capsys, "train", [*common, "--output_dir", guarded_run, *LENET_ARGS],
+                     "already holds a run")
     expect_bad_input(capsys, "train", [*common, "--output_dir", guarded_run, "--resume", "--model", "lenet5"],
                      "last.pt was trained with --model cnn, not lenet5")
     expect_bad_input(capsys, "train", [*common, "--output_dir", tmp_path / "empty", "--resume"],
@@ -252,6 +256,12 @@ def test_bad_run_settings_and_checkpoints(cifar_dir, guarded_run, tmp_path, caps
                      "junk.pt is not a readable checkpoint")
     expect_bad_input(capsys, "evaluate", [*common, "--checkpoint", tmp_path / "missing.pt"],
                      "missing.pt not found: train one first")
+    for flag, value, rule in [("--cutout", 40, "in 0..32 pixels"), ("--label_smoothing", 1.0, "in [0, 1)"),
+                              ("--lr", -0.1, "positive"), ("--num_workers", -1, "at least 0")]:
+        expect_bad_input(capsys, "train", [*common, "--output_dir", tmp_path / "empty", flag, value],
+                         f"{flag} must be {rule}, got {value}")
+    expect_bad_input(capsys, "evaluate", [*common, "--checkpoint", guarded_run / "best.pt", "--batch_size", 0],
+                     "--batch_size must be at least 1")
     assert not (tmp_path / "empty").exists()
 
 
