@@ -39,7 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     p.add_argument("--nprocs", type=int, nargs="+", default=[1, 2], help="process counts to compare")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.batch_size, args.answer_words, args.steps, *args.nprocs) < 1 or args.warmup < 0:
+        p.error("--batch_size, --answer_words, --steps and --nprocs must be >= 1, --warmup >= 0")
+    args.nprocs = sorted(set(args.nprocs))  # the smallest run is the baseline of the efficiency ratio
+    return args
 
 
 def write_data(path: Path, n: int, answer_words: int) -> None:
@@ -58,7 +62,11 @@ def run(nproc: int, args, data: Path, out: Path) -> dict:
            "--max_steps", str(args.warmup + args.steps), "--warmup_ratio", "0", "--val_size", "0",
            "--save_steps", "0", "--logging_steps", str(10**9), "--lora_dropout", "0", "--max_seq_len", "1024"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process (torchrun's default, made explicit)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"error: the {nproc}-process run took over {args.timeout:g} s; "
+                         f"raise --timeout or lower --steps") from None
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise SystemExit(f"error: the {nproc}-process run failed (exit {proc.returncode}):\n{tail}")
@@ -96,7 +104,7 @@ def main(argv=None) -> int:
     for r in results[1:]:
         eff = r["samples_per_second"] / (r["nproc"] / base["nproc"] * base["samples_per_second"])
         print(f"scaling efficiency {base['nproc']} -> {r['nproc']} processes: {r['samples_per_second']:.2f} / "
-              f"({r['nproc'] // base['nproc']} x {base['samples_per_second']:.2f}) = {eff:.3f}")
+              f"({r['nproc'] / base['nproc']:g} x {base['samples_per_second']:.2f}) = {eff:.3f}")
     return 0
 
 

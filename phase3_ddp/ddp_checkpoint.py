@@ -143,7 +143,8 @@ def save_loss_curve(log_history: list[dict], path: Path) -> None:
 
 def save_final(peft_model, tokenizer, output_dir: Path, run_args: dict, metrics: dict) -> None:
     """Rank 0 only: adapter + tokenizer + run_args.json + metrics.json + loss_curve.png, written into a temp dir
-    and moved file by file, so a crash never leaves a half-written adapter that chat.py would try to load."""
+    and moved file by file (each os.replace is atomic), so a crash never leaves a half-written file that chat.py
+    would try to load."""
     out = Path(output_dir)
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

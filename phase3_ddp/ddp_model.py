@@ -93,11 +93,7 @@ def load_lora_model(model_name_or_path: str, device: torch.device, quantization:
     # DDP's gradient hooks fire once per parameter per backward, as DDP expects: no static_graph and no
     # find_unused_parameters needed. (The reentrant variant runs a second backward inside backward; DDP
     # then sees hooks fire twice and needs static_graph=True.)
-    gc_kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
     config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules="all-linear", bias="none")

@@ -214,6 +214,25 @@ def optimizer_state_bytes(optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in local.state.values() for t in s.values() if torch.is_tensor(t))
 
 
+def gather_ints(value: int, device: torch.device) -> list[int]:
+    """Every rank's `value`, in rank order, on every rank (all_gather of one int64 each)."""
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [int(g.item()) for g in gathered]
+
+
+def report_optimizer_state(optimizer, zero: bool, device: torch.device) -> list[int]:
+    """Every rank's optimizer-state bytes; rank 0 prints them with and without ZeRO-1."""
+    per_rank = gather_ints(optimizer_state_bytes(optimizer), device)
+    # Without ZeRO each rank holds the whole state; with it, the whole state is the sum of the shards.
+    full = sum(per_rank) if zero else per_rank[0]
+    for r, n in enumerate(per_rank):
+        say(f"rank {r}: optimizer state {n / 2**20:.2f} MiB " + (f"(ZeRO-1 shard; {full / 2**20:.2f} MiB without)"
+            if zero else f"(full replica; --zero would keep about {full / len(per_rank) / 2**20:.2f} MiB)"))
+    return per_rank
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     resume = args.resume or RESTART_COUNT > 0
@@ -342,6 +361,7 @@ def train(args, device, tokenizer, train_set, val_set, stats, resume_from, resum
             if args.save_steps and step % args.save_steps == 0:
                 state = {"step": step, "epoch": epoch, "world_size": dist.get_world_size(),
                          "global_batch": global_batch, "log_history": log_history}
+                dist.barrier()  # every rank has finished this step before the save starts
                 save_checkpoint(ddp_model.module, optimizer, scheduler, state, args.output_dir, args.save_total_limit)
                 dist.barrier()  # no rank runs ahead (and maybe crashes) before the checkpoint is on disk
             if args.crash_at_step == step and RESTART_COUNT == 0 and dist.get_rank() == dist.get_world_size() - 1:
@@ -370,25 +390,6 @@ def train(args, device, tokenizer, train_set, val_set, stats, resume_from, resum
         say(f"done: {step} steps, {metrics['samples_per_second']:.2f} samples/s, adapter -> {args.output_dir}")
     dist.barrier()
     return 0
-
-
-def gather_ints(value: int, device: torch.device) -> list[int]:
-    """Every rank's `value`, in rank order, on every rank (all_gather of one int64 each)."""
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    return [int(g.item()) for g in gathered]
-
-
-def report_optimizer_state(optimizer, zero: bool, device: torch.device) -> list[int]:
-    """Every rank's optimizer-state bytes; rank 0 prints them with and without ZeRO-1."""
-    per_rank = gather_ints(optimizer_state_bytes(optimizer), device)
-    # Without ZeRO each rank holds the whole state; with it, the whole state is the sum of the shards.
-    full = sum(per_rank) if zero else per_rank[0]
-    for r, n in enumerate(per_rank):
-        say(f"rank {r}: optimizer state {n / 2**20:.2f} MiB " + (f"(ZeRO-1 shard; {full / 2**20:.2f} MiB without)"
-            if zero else f"(full replica; --zero would keep about {full / len(per_rank) / 2**20:.2f} MiB)"))
-    return per_rank
 
 
 if __name__ == "__main__":

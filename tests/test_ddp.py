@@ -24,12 +24,13 @@ THREADS = {"OMP_NUM_THREADS": "1"}  # one thread per process: 2 ranks on 2 cores
 STEPS, SAVE_STEPS, CRASH_AT = 6, 3, 5  # 4 steps per epoch: checkpoint at 3, crash at 5, resume crosses an epoch
 
 
-def torchrun(*args, nproc: int = 2, max_restarts: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(*args, nproc: int = 2, max_restarts: int = 0, timeout: float = 300,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone` (a free rendezvous port per launch) with the given script arguments."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", str(REPO / SCRIPT), *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **THREADS})
+                          env={**os.environ, **THREADS, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def sft_json(tmp_path_factory):
 def train_flags(model, data, out, **overrides) -> list[str]:
     flags = {"model_name_or_path": model, "data_path": data, "output_dir": out, "max_steps": STEPS,
              "grad_accum": 2, "val_size": 4, "save_steps": SAVE_STEPS, "lr": 1e-3, "lora_dropout": 0,
-             "quantization": "4bit", **overrides}
+             "quantization": "4bit", "device": "cpu", **overrides}  # gloo on CPU, also on a GPU machine
     return [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
 
 
@@ -164,8 +165,9 @@ def test_bad_input_fails_fast_on_every_rank(case, tiny_model_dir, tmp_path):
         proc = run_script(SCRIPT, *flags, "--batch_size", "0", env=THREADS, timeout=120)
         assert proc.returncode == 2
     else:
-        extra = ["--device", "cuda"] if case == "more_processes_than_gpus" else []
-        proc = torchrun(*flags, *extra, timeout=120)  # a rank stuck at a collective would hit this timeout
+        gpuless = {"CUDA_VISIBLE_DEVICES": ""}  # 0 GPUs for 2 processes, whatever the machine has
+        extra, env = (["--device", "cuda"], gpuless) if case == "more_processes_than_gpus" else ([], None)
+        proc = torchrun(*flags, *extra, timeout=120, env=env)  # a rank stuck at a collective would hit this
         assert proc.returncode != 0
     assert time.perf_counter() - start < 120
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -176,7 +178,7 @@ def test_bad_input_fails_fast_on_every_rank(case, tiny_model_dir, tmp_path):
 
 def test_benchmark_reports_scaling_efficiency(tiny_model_dir):
     proc = run_script("phase3_ddp/benchmark.py", "--model_name_or_path", tiny_model_dir, "--steps", "2",
-                      "--warmup", "1", "--batch_size", "4", env=THREADS, timeout=300)
+                      "--warmup", "1", "--batch_size", "4", "--device", "cpu", env=THREADS, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rates = [float(x) for x in re.findall(r"process\(es\) \[gloo.*-> ([\d.]+) samples/s", proc.stdout)]
     eff = re.search(r"scaling efficiency 1 -> 2 processes: ([\d.]+) / \(2 x ([\d.]+)\) = ([\d.]+)", proc.stdout)
