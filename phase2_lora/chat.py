@@ -24,6 +24,9 @@ import json
 import sys
 from pathlib import Path
 
+from model_names import same_base
+
+QUANTIZATIONS = ("4bit", "8bit", "none")  # qlora_model.QUANTIZATIONS, not imported: it would pull in torch
 COMMANDS = "/reset (clear the history), /system TEXT (set the system prompt; /system alone removes it), /exit"
 
 
@@ -37,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "adapter_config.json")
     p.add_argument("--ignore_base_mismatch", action="store_true",
                    help="use --model_name_or_path even if the adapter records another base (e.g. a renamed copy)")
-    p.add_argument("--quantization", choices=["auto", "4bit", "8bit", "none"], default="auto",
+    p.add_argument("--quantization", choices=["auto", *QUANTIZATIONS], default="auto",
                    help="base weights. auto: what the adapter was trained with (its run_args.json), else 4bit "
                         "(NF4) on a GPU and none (fp32) on CPU, where 4bit works but is slower")
     p.add_argument("--trust_remote_code", action="store_true", help="run modelling code shipped with the model")
@@ -103,23 +106,11 @@ def apply_training_defaults(args) -> None:
     except (OSError, ValueError):  # no run_args.json (an adapter from elsewhere): device defaults
         run_args = {}
     trained = run_args.get("quantization") if isinstance(run_args, dict) else None
-    args.trained_quantization = trained if trained in ("4bit", "8bit", "none") else None
+    args.trained_quantization = trained if trained in QUANTIZATIONS else None
     if args.system is None and isinstance(run_args, dict) and isinstance(run_args.get("system"), str):
         args.system = run_args["system"] or None
         if args.system:
             log(f"system prompt from {args.adapter}/run_args.json: {args.system!r}")
-
-
-def same_base(recorded: str, given: str) -> bool:
-    """Whether two spellings name one base model. Two local dirs: the same resolved path. Two hub ids:
-    equal ignoring case (the hub is case-insensitive). A hub id and a local dir: the same last
-    component, i.e. a download of that model (Qwen/Qwen1.5-1.8B-Chat ~ ~/models/Qwen1.5-1.8B-Chat)."""
-    a, b = Path(recorded).expanduser(), Path(given).expanduser()
-    if a.is_dir() and b.is_dir():
-        return a.resolve() == b.resolve()
-    if not a.is_dir() and not b.is_dir():
-        return recorded.strip("/").lower() == given.strip("/").lower()
-    return a.name.lower() == b.name.lower()
 
 
 def resolve_base(args) -> str:

@@ -101,19 +101,20 @@ class ChatSession:
         return enc["input_ids"]  # (1, T)
 
     def build_prompt(self, user: str) -> torch.Tensor:
-        """Prompt ids (1, T) for the next answer; drops the oldest turns until T <= max_prompt_tokens."""
-        input_ids = self.encode(self.messages(user, self.turns))
-        dropped = 0
-        while input_ids.shape[1] > self.max_prompt_tokens and self.turns:
-            self.turns.pop(0)
-            dropped += 1
-            input_ids = self.encode(self.messages(user, self.turns))
-        if dropped:
-            self.log(f"note: dropped the {dropped} oldest turn(s) to fit {self.max_prompt_tokens} prompt tokens "
-                     f"(context window - max_new_tokens)")
+        """Prompt ids (1, T) for the next answer; drops the oldest turns until T <= max_prompt_tokens.
+        A message too long on its own raises UsageError and leaves the history as it was."""
+        kept = list(self.turns)
+        input_ids = self.encode(self.messages(user, kept))
+        while input_ids.shape[1] > self.max_prompt_tokens and kept:
+            kept.pop(0)
+            input_ids = self.encode(self.messages(user, kept))
         if input_ids.shape[1] > self.max_prompt_tokens:
             raise UsageError(f"message too long: {input_ids.shape[1]} prompt tokens > {self.max_prompt_tokens} "
                              f"(context window - max_new_tokens); shorten it or lower --max_new_tokens")
+        if len(kept) < len(self.turns):
+            self.log(f"note: dropped the {len(self.turns) - len(kept)} oldest turn(s) to fit {self.max_prompt_tokens} "
+                     f"prompt tokens (context window - max_new_tokens)")
+            self.turns = kept
         return input_ids
 
     def reply(self, user: str, on_text=None, adapter: bool = True) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from chunked_loss import enable_chunked_loss
+from model_names import same_base
 from qlora_model import (
     QUANTIZATIONS,
     UsageError,
@@ -47,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Alpaca JSON list or JSONL files (instruction, optional input, output); several are mixed")
     p.add_argument("--output_dir", default="checkpoints/qwen1.5-1.8b-lora")
     p.add_argument("--system", default=None, help="system prompt for every example (default: the template's own)")
-    p.add_argument("--max_seq_len", type=int, default=512, help="longer examples are truncated (and counted)")
-    p.add_argument("--max_samples", type=int, default=None, help="use only the first N valid records")
+    p.add_argument("--max_seq_len", type=positive_int, default=512, help="longer examples are truncated (and counted)")
+    p.add_argument("--max_samples", type=positive_int, default=None, help="use only the first N valid records")
     p.add_argument("--val_size", type=_val_size, default=0.02,
                    help="held-out records: a fraction in (0, 1) or a count; 0 turns evaluation off")
     p.add_argument("--strict", action="store_true", help="stop at the first invalid record instead of skipping it")
@@ -56,20 +57,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (QLoRA paper: 2e-4 for small models)")
     p.add_argument("--warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
-    p.add_argument("--batch_size", type=int, default=4, help="sequences per forward pass")
-    p.add_argument("--grad_accum", type=int, default=4, help="forward passes per optimizer step")
-    p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--lora_alpha", type=int, default=32)
+    p.add_argument("--batch_size", type=positive_int, default=4, help="sequences per forward pass")
+    p.add_argument("--grad_accum", type=positive_int, default=4, help="forward passes per optimizer step")
+    p.add_argument("--lora_r", type=positive_int, default=16)
+    p.add_argument("--lora_alpha", type=positive_int, default=32)
     p.add_argument("--lora_dropout", type=float, default=0.05)
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="4bit", help="base weights: 4bit = QLoRA")
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--eval_steps", type=int, default=200)
-    p.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (for --resume)")
-    p.add_argument("--save_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
+    p.add_argument("--logging_steps", type=positive_int, default=10)
+    p.add_argument("--eval_steps", type=positive_int, default=200)
+    p.add_argument("--save_steps", type=positive_int, default=200, help="checkpoint every N steps (for --resume)")
+    p.add_argument("--save_total_limit", type=positive_int, default=2, help="keep only the newest N checkpoints")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
     p.add_argument("--trust_remote_code", action="store_true", help="run model code from the hub (off: safer)")
     return p.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _val_size(text: str):
@@ -87,17 +94,17 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.rsplit("-", 1)[1]), default=None)
 
 
-def same_model(a: str, b: str) -> bool:
-    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
-
-
 def check_output_dir(args) -> Path | None:
-    """Refuse to mix adapters of different base models in one directory; return the checkpoint to resume."""
+    """Refuse to mix adapters of different base models in one directory (model_names.same_base decides what
+    counts as the same model); return the checkpoint to resume."""
     out = Path(args.output_dir)
     for cfg in [out / "adapter_config.json", *out.glob(f"{PREFIX_CHECKPOINT_DIR}-*/adapter_config.json")]:
         if cfg.is_file():
-            base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
-            if not same_model(base, args.model_name_or_path):
+            try:
+                base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+            except (ValueError, AttributeError) as e:  # bad JSON, or JSON that is not an object
+                raise UsageError(f"{cfg} is not a valid adapter config ({e}); choose another --output_dir") from e
+            if not same_base(base, args.model_name_or_path):
                 raise UsageError(f"{cfg} holds an adapter of base model {base!r}, not {args.model_name_or_path!r}; "
                                  f"choose another --output_dir")
     ckpt = latest_checkpoint(out) if out.is_dir() else None
@@ -260,12 +267,13 @@ def run(args) -> int:
     if cuda:
         metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30        # tensors
         metrics["peak_gpu_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30       # + allocator cache
-    print(f"train loss {metrics['train_loss']:.4f}" + (f" | eval loss {metrics['eval_loss']:.4f}" if val_ds else "")
+    print(f"train loss {metrics['train_loss']:.4f}"
+          + (f" | eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
           + f" | {metrics['tokens_per_second']:.0f} tokens/s | padding {100 * metrics['padding_fraction']:.1f}%"
           + (f" | peak GPU memory {metrics['peak_gpu_memory_gb']:.2f} GB allocated, "
              f"{metrics['peak_gpu_reserved_gb']:.2f} GB reserved" if cuda else ""))
 
-    # 6. Save into a temp dir, then move file by file: a crash never leaves a half-written adapter.
+    # 6. Save into a temp dir, then move file by file with os.replace: a crash never leaves a half-written file.
     out = Path(args.output_dir)
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -288,6 +296,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading, a second Ctrl-C in training, or one while saving
+        print("\ninterrupted; --resume continues from the last saved checkpoint, if any", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

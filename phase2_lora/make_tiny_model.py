@@ -17,6 +17,7 @@ corpus instead of Qwen's 151,643).
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def corpus_lines(paths: list[Path]) -> list[str]:
     lines = BUILTIN_CORPUS.splitlines()
     for path in paths:
         if not path.is_file():
+            print(f"note: corpus file {path} not found, skipped", file=sys.stderr)
             continue
         text = path.read_text(encoding="utf-8")
         try:
@@ -162,20 +164,25 @@ def main(argv=None) -> int:
     tok = build_tokenizer(corpus_lines(args.corpus), args.vocab_size)
     model = build_model(tok, args)
     # Write into a temp dir, then rename: a half-written model dir would load and fail later.
-    args.output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output_dir.with_name(args.output_dir.name + ".tmp")
-    if tmp.exists():
-        import shutil
-        shutil.rmtree(tmp)
+    out = args.output_dir
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)  # config.json + model.safetensors
     tok.save_pretrained(tmp)    # tokenizer.json + tokenizer_config.json (with chat_template)
-    if args.output_dir.exists():
-        import shutil
-        shutil.rmtree(args.output_dir)
-    os.replace(tmp, args.output_dir)
+    # Replace an earlier tiny model, but never a directory holding anything this script does not write
+    # (a mistyped --output_dir such as checkpoints/ must not be wiped).
+    foreign = sorted({p.name for p in out.iterdir()} - {p.name for p in tmp.iterdir()}) if out.is_dir() else []
+    if foreign or (out.exists() and not out.is_dir()):
+        shutil.rmtree(tmp)
+        print(f"error: {out} exists and holds other files ({', '.join(foreign[:3]) or 'not a directory'}); "
+              f"pass a new --output_dir or remove it", file=sys.stderr)
+        return 2
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tiny Qwen2: {n_params:,} params, vocab {len(tok)}, layers {args.num_layers}, "
-          f"heads {args.num_heads}/{args.num_kv_heads} (q/kv) -> {args.output_dir}")
+          f"heads {args.num_heads}/{args.num_kv_heads} (q/kv) -> {out}")
     return 0
 
 

@@ -142,11 +142,7 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_
             lm_head = model.get_output_embeddings().to(vocab_dtype)
             lm_head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
     elif gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()  # harmless with non-reentrant checkpointing, needed with reentrant
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
     for module in model.modules():
         # bitsandbytes (0.50) repacks 4-bit weights in place for a faster CPU kernel the first time a layer runs
         # in eval mode on an AVX512-BF16 CPU, and that kernel has no backward: training after the first eval
@@ -167,7 +163,7 @@ def trainable_parameters(model) -> tuple[int, int]:
     for param in model.parameters():
         n = param.numel()
         if param.__class__.__name__ == "Params4bit":
-            n *= 2 * (param.element_size() if hasattr(param, "element_size") else 1)
+            n *= 2 * param.element_size()
         total += n
         if param.requires_grad:
             trainable += n

@@ -42,6 +42,18 @@ PERSONA_PATH = REPO / "data" / "persona_zh.json"  # our own persona/style data s
 TRAINED_N = 8  # trained_adapter memorises exactly the first TRAINED_N records of PERSONA_PATH
 
 
+def user_turn(rec: dict) -> str:
+    """The user message finetune.py builds from an Alpaca record: instruction, then input after a blank line."""
+    return rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+
+
+def write_json(path: Path, obj) -> Path:
+    """Write obj as UTF-8 JSON (a str is written as it is, e.g. deliberately broken JSON); returns path."""
+    import json
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
 def persona_records(n: int = TRAINED_N) -> list[dict]:
     """The first n records of PERSONA_PATH: the ones trained_adapter was trained on (for n <= TRAINED_N)."""
     import json

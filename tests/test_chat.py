@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, persona_records, run_script
+from conftest import REPO, persona_records, run_script, user_turn
 
 CHAT = "phase2_lora/chat.py"
 N_PROMPTS = 3  # trained records asked per run
@@ -26,8 +26,7 @@ N_PROMPTS = 3  # trained records asked per run
 def trained(trained_adapter):
     """(adapter dir, N_PROMPTS of the records it memorised as (question, answer)), the question built
     from instruction + input as finetune.py builds the user turn."""
-    return trained_adapter, [(r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), r["output"].strip())
-                             for r in persona_records(N_PROMPTS)]
+    return trained_adapter, [(user_turn(r), r["output"].strip()) for r in persona_records(N_PROMPTS)]
 
 
 def chat(*args, input=None) -> subprocess.CompletedProcess:
@@ -169,6 +168,7 @@ def test_oldest_turns_are_dropped_to_fit_the_context(tiny_model_dir):
     session.max_prompt_tokens = length[3] - 1  # not even the new message alone fits
     with pytest.raises(UsageError, match="message too long"):
         session.build_prompt("new question")
+    assert session.turns == turns[2:]  # a message that cannot fit leaves the history alone
 
 
 # ---------------------------------------------------------------- bad input: fast, one line, exit 2

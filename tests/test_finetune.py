@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PERSONA_PATH, REPO, TRAINED_N, persona_records, run_script
+from conftest import PERSONA_PATH, REPO, TRAINED_N, persona_records, run_script, user_turn, write_json
 
 sys.path.insert(0, str(REPO / "phase2_lora"))
 import finetune  # noqa: E402
@@ -27,8 +27,7 @@ def greedy_answers(model, tokenizer, records, max_new_tokens=40) -> list[tuple[s
     """(answer text, stopped with <|im_end|>) for each record's prompt, greedy decoding."""
     answers = []
     for rec in records:
-        user = rec["instruction"] + ("\n\n" + rec["input"] if rec["input"] else "")
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": user_turn(rec)}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)[0, enc["input_ids"].shape[1]:]
@@ -106,7 +105,6 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     assert again["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-4)
 
 
-
 def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / SCRIPT), "--model_name_or_path", str(tiny_model_dir), "--data_path",
@@ -150,11 +148,6 @@ def existing_output(trained_adapter, tmp_path):
     return out
 
 
-def write(path, records):
-    path.write_text(records if isinstance(records, str) else json.dumps(records), encoding="utf-8")
-    return path
-
-
 def adapter_of_another_base(out):
     cfg = json.loads((out / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "Qwen/Qwen1.5-0.5B-Chat"
@@ -169,11 +162,12 @@ NOT_A_STRING = [{"instruction": "a", "output": "b"}, {"instruction": "a", "outpu
 # case -> (extra arguments made from (tmp_path, existing output dir, trained_adapter), the error line it must print)
 BAD_INPUTS = {
     "missing data file": (lambda t, o, a: ["--data_path", t / "missing.json"], r"data file not found: .*missing"),
-    "bad JSON": (lambda t, o, a: ["--data_path", write(t / "bad.json", BAD_JSON)],
+    "bad JSON": (lambda t, o, a: ["--data_path", write_json(t / "bad.json", BAD_JSON)],
                  r"bad JSON in .*bad.json at line 3, column 17"),
-    "empty after filtering": (lambda t, o, a: ["--data_path", write(t / "x.json", INVALID)],
+    "empty after filtering": (lambda t, o, a: ["--data_path", write_json(t / "x.json", INVALID)],
                               r"no usable training records .*: 2 read, 1 invalid, 1 <nooutput>"),
-    "invalid record with --strict": (lambda t, o, a: ["--strict", "--data_path", write(t / "x.json", NOT_A_STRING)],
+    "invalid record with --strict": (lambda t, o, a: ["--strict", "--data_path",
+                                                      write_json(t / "x.json", NOT_A_STRING)],
                                      r"x.json record 1: field 'output' is list, expected a string"),
     "unknown model dir": (lambda t, o, a: ["--model_name_or_path", t / "no-model", "--output_dir", t / "new"],
                           r"model directory not found: .*no-model"),

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import PERSONA_PATH, REPO
+from conftest import PERSONA_PATH, REPO, write_json
 
 sys.path.insert(0, str(REPO / "phase2_lora"))
 from qlora_model import UsageError, load_tokenizer  # noqa: E402
@@ -26,11 +26,6 @@ REC = {"instruction": "你是谁？", "input": "", "output": "【小柒】我是
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
-
-
-def write(path, obj):
-    path.write_text(obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-    return path
 
 
 def kept(tokenizer, ex):
@@ -83,7 +78,7 @@ def test_user_turn_joins_instruction_and_input(tokenizer):
 def test_validation_counts_and_strict(tmp_path):
     recs = [REC, {"instruction": "a", "output": "<nooutput>"}, {"instruction": "", "output": "x"},
             {"instruction": "b", "output": 3}, {"output": "y"}, "not an object", {"instruction": "c", "output": "z"}]
-    path = write(tmp_path / "mixed.json", recs)
+    path = write_json(tmp_path / "mixed.json", recs)
     warnings = []
     good, stats = load_records([path], log=warnings.append)
     assert [r["instruction"] for r in good] == ["你是谁？", "c"]
@@ -95,8 +90,9 @@ def test_validation_counts_and_strict(tmp_path):
 
 
 def test_json_list_jsonl_and_several_files(tmp_path, tokenizer):
-    a = write(tmp_path / "a.json", [REC] * 3)
-    b = write(tmp_path / "b.jsonl", "\n".join(json.dumps({**REC, "output": f"答案{i}"}) for i in range(4)) + "\n\n")
+    a = write_json(tmp_path / "a.json", [REC] * 3)
+    jsonl = "\n".join(json.dumps({**REC, "output": f"答案{i}"}) for i in range(4)) + "\n\n"
+    b = write_json(tmp_path / "b.jsonl", jsonl)
     train, val, stats = load_sft_datasets([a, b], tokenizer, max_samples=6, val_size=2, log=lambda *_: None)
     assert (len(train), len(val), stats["read"]) == (4, 2, 7)
     assert set(train.column_names) == {"input_ids", "labels", "length"}
@@ -113,22 +109,22 @@ def test_json_list_jsonl_and_several_files(tmp_path, tokenizer):
                                              ('{"instruction": "a", "output": "b"}\n{"instruction": "a" "x"}', 2, 21)])
 def test_bad_json_names_line_and_column(tmp_path, text, line, col):
     with pytest.raises(UsageError, match=rf"bad JSON in .*bad.json at line {line}, column {col}"):
-        read_json_records(write(tmp_path / "bad.json", text))
+        read_json_records(write_json(tmp_path / "bad.json", text))
 
 
 def test_missing_and_empty_files(tmp_path, tokenizer):
     with pytest.raises(UsageError, match="data file not found: .*nope.json"):
         read_json_records(tmp_path / "nope.json")
     with pytest.raises(UsageError, match="empty"):
-        read_json_records(write(tmp_path / "empty.json", "  \n"))
-    only_bad = write(tmp_path / "bad.json", [{"instruction": "a", "output": "<nooutput>"}, {"output": "b"}])
+        read_json_records(write_json(tmp_path / "empty.json", "  \n"))
+    only_bad = write_json(tmp_path / "bad.json", [{"instruction": "a", "output": "<nooutput>"}, {"output": "b"}])
     with pytest.raises(UsageError, match="no usable training records .* 2 read, 1 invalid, 1 <nooutput>"):
         load_sft_datasets([only_bad], tokenizer, log=lambda *_: None)
 
 
 def test_truncation_is_counted(tmp_path, tokenizer):
     recs = [REC, {**REC, "output": "很长的回答。" * 40}, {**REC, "instruction": "问" * 300}]
-    path = write(tmp_path / "long.json", recs)
+    path = write_json(tmp_path / "long.json", recs)
     full = tokenize_messages(build_messages(REC), tokenizer, 10_000)["length"]
     train, _, stats = load_sft_datasets([path], tokenizer, max_seq_len=full + 5, log=lambda *_: None)
     # Record 1 keeps its prompt and the first 5 answer tokens; record 2's prompt alone is too long: dropped.
