@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -49,14 +50,12 @@ def user_turn(rec: dict) -> str:
 
 def write_json(path: Path, obj) -> Path:
     """Write obj as UTF-8 JSON (a str is written as it is, e.g. deliberately broken JSON); returns path."""
-    import json
     path.write_text(obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False), encoding="utf-8")
     return path
 
 
 def persona_records(n: int = TRAINED_N) -> list[dict]:
     """The first n records of PERSONA_PATH: the ones trained_adapter was trained on (for n <= TRAINED_N)."""
-    import json
     return json.loads(PERSONA_PATH.read_text(encoding="utf-8"))[:n]
 
 
