@@ -20,6 +20,18 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is available; elsewhere they are skipped with the reason."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    import torch
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
 def run_script(script: str, *args, timeout: float = 600, env: dict | None = None,
                input: str | None = None) -> subprocess.CompletedProcess:
     """Run `python <script> <args>` from the repo root; returns the finished process (text mode)."""
