@@ -1,5 +1,6 @@
 """phase2_attention/attention.py: equal to nn.MultiheadAttention (outputs, weights, gradients), sdpa == math,
-KV cache == one causal pass, GQA == explicit references, dropout, all-masked rows, and every bad-argument error."""
+KV cache == one causal pass, GQA == explicit references, dropout, all-masked rows, a drop-in from_torch (either layout,
+train/eval), one torch.compile graph, and every bad-argument error."""
 
 import sys
 
@@ -280,6 +281,53 @@ def test_uses_only_four_linears(monkeypatch):
     assert mha(x, x, x, need_weights=True)[0].shape == (B, L, E)
 
 
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_from_torch_is_a_drop_in_for_either_layout(batch_first, impl):
+    """A default nn.MultiheadAttention is sequence-first, (L, B, E): the converted module takes and returns the same
+    layout, with the same output, weights and gradients (cross-attention with kdim/vdim, both masks)."""
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, kdim=6, vdim=3, batch_first=batch_first).eval()
+    ours = MultiHeadAttention.from_torch(ref, impl=impl)
+    assert ours.batch_first == batch_first
+    q, k, v = inputs("cross_kvdim", gen, kdim=6, vdim=3)  # (B, L|S, features)
+    if not batch_first:
+        q, k, v = (t.detach().transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v))  # (L|S, B, features)
+    masks, _ = random_masks("padding_and_attn", L, S, gen)
+    kw = {"need_weights": impl == "math", "average_attn_weights": False, **masks}
+    got, want = run_with_grads(ours, q, k, v, 3, **kw), run_with_grads(ref, q, k, v, 3, **kw)
+    assert got[0].shape == ((B, L, E) if batch_first else (L, B, E))
+    for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]], strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_from_torch_copies_train_eval_mode(training):
+    ref = nn.MultiheadAttention(E, H, dropout=0.5).train(training)
+    assert MultiHeadAttention.from_torch(ref).training == training
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+def test_compiles_as_one_graph_with_padding(impl):
+    """torch.compile(fullgraph=True) raises on any graph break, e.g. a Python `if` on tensor data. The aot_eager
+    backend traces the forward and backward graphs exactly as inductor would, without generating C++ (seconds, not
+    a minute); the all-padded batch element must still give zero attention, not NaN."""
+    torch._dynamo.reset()  # a fresh compile cache per test
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(E, H, impl=impl)
+    compiled = torch.compile(mha, fullgraph=True, backend="aot_eager")
+    x = torch.randn(B, L, E, requires_grad=True)
+    padding = torch.zeros(B, L, dtype=torch.bool)
+    padding[1] = True  # batch element 1: every key padded
+    got, _ = compiled(x, x, x, key_padding_mask=padding, is_causal=True)
+    want, _ = mha(x, x, x, key_padding_mask=padding, is_causal=True)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got[1], mha.out_proj.bias.expand(L, E), **TOL)
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_from_torch_without_bias_and_with_kdim():
     ref = nn.MultiheadAttention(E, H, bias=False, kdim=6, vdim=3)
     mha = MultiHeadAttention.from_torch(ref)
@@ -321,6 +369,32 @@ def test_bad_forward_arguments(call, message):
     with pytest.raises(ValueError) as err:
         call(MultiHeadAttention(E, H))
     assert message in str(err.value)
+
+
+def test_sequence_first_errors_name_the_sequence_first_shape():
+    mha = MultiHeadAttention(E, H, batch_first=False)
+    with pytest.raises(ValueError, match=r"query must have shape \(L, B, embed_dim\) = \(L, B, 16\), got \(5, 16\)"):
+        mha(x5[0], x5[0], x5[0])
+    q, k = x5.transpose(0, 1), k7.transpose(0, 1)  # (L, B, E), (S, B, E)
+    with pytest.raises(ValueError, match=r"key must have shape \(S, B, kdim\) = \(S, 2, 16\), got \(2, 7, 16\)"):
+        mha(q, k7, k7)
+    with pytest.raises(ValueError, match=r"value must have shape \(S, B, vdim\) = \(7, 2, 16\), got \(6, 2, 16\)"):
+        mha(q, k, k[:6])
+
+
+def test_options_after_value_are_keyword_only_and_masks_must_be_tensors():
+    mha = MultiHeadAttention(E, H)
+    padding = torch.zeros(B, S, dtype=torch.bool)
+    with pytest.raises(TypeError, match="positional"):  # torch's 4th argument is key_padding_mask, ours was too
+        mha(x5, k7, k7, padding)
+    with pytest.raises(TypeError, match="positional"):  # torch's 5th is add_bias_kv, not kdim
+        MultiHeadAttention(E, H, 0.0, True, 6)
+    with pytest.raises(TypeError, match=r"key_padding_mask must be a torch.Tensor .*, got list"):
+        mha(x5, k7, k7, key_padding_mask=padding.tolist())
+    with pytest.raises(TypeError, match=r"attn_mask must be a torch.Tensor .*, got ndarray"):
+        mha(x5, k7, k7, attn_mask=torch.zeros(L, S).numpy())
+    with pytest.raises(TypeError, match="value must be a torch.Tensor, got NoneType"):
+        mha(x5, k7, None)
 
 
 def test_bad_kv_cache_and_impl_are_rejected_before_any_change():

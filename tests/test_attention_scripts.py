@@ -1,10 +1,11 @@
 """phase2_attention scripts as a user runs them: the shape walkthrough and a tiny run of the scaling benchmark."""
 
+import ast
 import json
 import re
 
 import pytest
-from conftest import run_script
+from conftest import REPO, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny tensors: a second thread only spins on a busy machine
 
@@ -19,8 +20,19 @@ def step_shapes(stdout: str) -> dict[str, str]:
     return steps
 
 
+def test_attention_module_does_not_import_its_demo():
+    """walkthrough.py imports attention.py, never the reverse: running the library module runs no demo."""
+    tree = ast.parse((REPO / "phase2_attention" / "attention.py").read_text(encoding="utf-8"))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported == {"__future__", "torch"}
+    proc = run_script("phase2_attention/attention.py", timeout=120, env=ONE_THREAD)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout[:200] + proc.stderr
+
+
 def test_walkthrough_prints_every_step_with_its_shape():
-    proc = run_script("phase2_attention/attention.py", "--decode", timeout=120, env=ONE_THREAD)
+    proc = run_script("phase2_attention/walkthrough.py", "--decode", timeout=120, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     main, decode = proc.stdout.split("one decode step")
     steps = step_shapes(main)  # B=2, L=S=5, E=8, H=2, D=4
