@@ -1,4 +1,5 @@
-"""sft_data: Alpaca records -> chat-template tokens with answer-only labels, validation, batching."""
+"""sft_data: Alpaca records -> chat-template tokens with answer-only labels, validation, batching.
+Multi-turn formats: tests/test_multiturn_data.py; the cache: tests/test_sft_cache.py; packing: tests/test_packing.py."""
 
 import json
 import sys
@@ -13,7 +14,7 @@ from sft_data import (  # noqa: E402
     IGNORE_INDEX,
     SFTCollator,
     build_messages,
-    load_records,
+    load_conversations,
     load_sft_datasets,
     parse_val_size,
     read_json_records,
@@ -80,13 +81,13 @@ def test_validation_counts_and_strict(tmp_path):
             {"instruction": "b", "output": 3}, {"output": "y"}, "not an object", {"instruction": "c", "output": "z"}]
     path = write_json(tmp_path / "mixed.json", recs)
     warnings = []
-    good, stats = load_records([path], log=warnings.append)
-    assert [r["instruction"] for r in good] == ["你是谁？", "c"]
-    assert stats == {"read": 7, "invalid": 4, "nooutput": 1}
-    assert "record 2: empty field 'instruction'" in warnings[0]
-    assert "record 3: field 'output' is int" in warnings[1]
+    good, stats = load_conversations([path], log=warnings.append)
+    assert [m[0]["content"] for m in good] == ["你是谁？", "c"]
+    assert stats == {"read": 7, "invalid": 4, "nooutput": 1, "formats": {str(path): "alpaca"}}
+    assert "record 2 (alpaca): empty field 'instruction'" in warnings[0]
+    assert "record 3 (alpaca): field 'output' is int" in warnings[1]
     with pytest.raises(UsageError, match=r"mixed.json record 2: empty field 'instruction'"):
-        load_records([path], strict=True)
+        load_conversations([path], strict=True)
 
 
 def test_json_list_jsonl_and_several_files(tmp_path, tokenizer):
@@ -127,8 +128,9 @@ def test_truncation_is_counted(tmp_path, tokenizer):
     path = write_json(tmp_path / "long.json", recs)
     full = tokenize_messages(build_messages(REC), tokenizer, 10_000)["length"]
     train, _, stats = load_sft_datasets([path], tokenizer, max_seq_len=full + 5, log=lambda *_: None)
-    # Record 1 keeps its prompt and the first 5 answer tokens; record 2's prompt alone is too long: dropped.
-    assert (stats["truncated"], stats["no_answer_left"], len(train)) == (2, 1, 2)
+    # Record 1 keeps its prompt and the first 5 answer tokens (a half-supervised answer); record 2's prompt alone
+    # is too long: dropped.
+    assert (stats["truncated"], stats["partial_answer"], stats["no_answer_left"], len(train)) == (2, 1, 1, 2)
     assert max(train["length"]) == full + 5
 
 
