@@ -4,6 +4,7 @@ a hand-written Dataset + DataLoader, and whole-batch augmentation on uint8 tenso
 Images stay uint8 (N, 3, 32, 32) until the last moment: 4x less memory and host->GPU traffic than float32, and one
 batched gather does crop + flip for the whole batch instead of per-image PIL calls."""
 
+import functools
 import os
 import pickle
 import sys
@@ -35,11 +36,11 @@ def exit_bad_input(error: BadInput):
 # ----------------------------------------------------------------------------- reading the pickles
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR-10 ships as pickles, and unpickling runs whatever a file names. Allow only what a batch file holds."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+    """CIFAR-10 ships as pickles, and unpickling runs whatever a file names. Allow exactly the three globals the
+    official Python-2 files name for their one numpy array (data): the array rebuilder, the array class and its
+    dtype. Everything else in a batch (dict, bytes, ints, lists) needs no global at all. numpy 2 still answers to
+    the numpy 1.x module path the files name."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -58,8 +59,7 @@ def _read_pickle(path: str) -> dict:
                        "delete it and run with --download, or unpack the archive again") from None
     if not isinstance(obj, dict):
         raise BadInput(f"{path} holds a {type(obj).__name__}, not a CIFAR-10 batch dict: unpack the archive again")
-    # The originals have bytes keys (b"data"); files written by Python 3 may use str keys. Accept both.
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}  # b"data" -> "data"
 
 
 def read_batch_file(path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,6 +179,44 @@ def make_loader(dataset: CifarDataset, batch_size: int, shuffle_gen: torch.Gener
     )
 
 
+class DeviceBatches:
+    """The GPU path (airbench style): the whole uint8 set lives on the device (CIFAR-10 train: 138 MB) and a batch is
+    one index into it, so no step waits for a host->device copy or a worker. The textbook Dataset + DataLoader above
+    stays the CPU default, because there the data is in host memory already and that path is the one to learn from.
+    Same batches as make_loader: the epoch's order is the very randperm RandomSampler draws from shuffle_gen (which
+    the trainer reseeds every epoch), so either path trains the same run, and --resume works across them."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 shuffle_gen: torch.Generator | None, device: torch.device):
+        self.images, self.labels = images.to(device), labels.to(device)  # once, before training
+        self.batch_size, self.shuffle_gen = batch_size, shuffle_gen
+        self.drop_last = shuffle_gen is not None and len(labels) > batch_size  # as make_loader
+
+    def __len__(self):
+        n, b = len(self.labels), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        """The epoch's order is drawn and moved now, when iter() is called: a blocking copy, but one per epoch."""
+        order = None  # evaluation: contiguous slices, views without a copy
+        if self.shuffle_gen is not None:  # drawn on the CPU like RandomSampler, moved once per epoch (400 kB)
+            order = torch.randperm(len(self.labels), generator=self.shuffle_gen).to(self.images.device)
+        return self._batches(order)
+
+    def _batches(self, order):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
+            yield self.images[idx], self.labels[idx]  # (B, 3, 32, 32) uint8, (B,) int64, already on the device
+
+
+def make_batches(images, labels, batch_size: int, shuffle_gen: torch.Generator | None, device: torch.device,
+                 on_device: bool, num_workers: int = 0):
+    """DeviceBatches when on_device (the CUDA default), else the hand-written Dataset through a DataLoader."""
+    if on_device:
+        return DeviceBatches(images, labels, batch_size, shuffle_gen, device)
+    return make_loader(CifarDataset(images, labels), batch_size, shuffle_gen, device, num_workers)
+
+
 # ----------------------------------------------------------------------------- batch augmentation (tensor ops)
 
 def crop_flip(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -207,10 +245,18 @@ def cutout(x: torch.Tensor, gen: torch.Generator, size: int) -> torch.Tensor:
     return x * ~hole[:, None]
 
 
+@functools.cache
+def channel_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean*255 and 1/(std*255), shaped (1, 3, 1, 1), built once per device: a tensor made from Python numbers is a
+    blocking host->device copy, which a training step must never wait for."""
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255)
+    return mean.to(device), inv_std.to(device)
+
+
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 standardised per channel: (x/255 - mean)/std folded into one shift and scale."""
-    mean = torch.tensor(CIFAR_MEAN, device=images_u8.device).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(CIFAR_STD, device=images_u8.device).view(1, 3, 1, 1) * 255)
+    mean, inv_std = channel_stats(images_u8.device)
     return images_u8.float().sub_(mean).mul_(inv_std)
 
 

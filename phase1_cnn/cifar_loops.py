@@ -1,10 +1,11 @@
 """The training loop and the evaluation loop, kept apart, plus the device and mixed-precision choices they share."""
 
 import contextlib
+import sys
 
 import torch
 import torch.nn.functional as F
-from cifar_data import BadInput, augment, normalize
+from cifar_data import BadInput, augment, channel_stats, normalize
 from tqdm import tqdm
 
 
@@ -15,7 +16,8 @@ def resolve_device(name: str) -> torch.device:
     elif name == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda was asked for, but torch sees no CUDA GPU (CPU-only torch build or no driver): "
                        "install a CUDA build of torch (see README), or use --device cpu")
-    return torch.device(name)
+    # With its index (cuda:0), as tensors report their device: caches keyed by device (channel_stats) then match.
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -49,39 +51,74 @@ def train_step(model, x, y, optimizer, scheduler, scaler, label_smoothing: float
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, aug_gen: torch.Generator, device,
-                    label_smoothing: float = 0.0, cutout_size: int = 0, desc: str = "train") -> tuple[float, float]:
-    """One pass over the training loader with on-device augmentation. Returns mean loss and accuracy."""
+def progress(batches, desc: str, total: int):
+    """A tqdm bar on a terminal; redirected to a file or a pipe, no bar at all (carriage-return lines would fill the
+    log): the caller prints one plain line per epoch instead."""
+    return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, aug_gen: torch.Generator, device,
+                    label_smoothing: float = 0.0, cutout_size: int = 0, desc: str = "train",
+                    check_sync: bool = False) -> tuple[float, float]:
+    """One pass over the training batches with on-device augmentation. Returns mean loss and accuracy.
+
+    Nothing in the loop waits for the GPU: loss and correct guesses are summed on the device and read once, at the
+    end. check_sync makes any host<->device synchronisation inside the loop raise (CUDA), the proof of that."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(bar):
-        images = images.to(device, non_blocking=True)  # uint8 (B, 3, 32, 32): 4x fewer bytes than float
-        labels = labels.to(device, non_blocking=True)
-        x = to_model_input(augment(images, aug_gen, cutout_size), device)  # float (B, 3, 32, 32)
-        loss, batch_correct = train_step(model, x, labels, optimizer, scheduler, scaler, label_smoothing, device)
-        loss_sum += loss * len(labels)
-        correct += batch_correct
-        seen += len(labels)
-        if step % 10 == 0 or step == len(loader) - 1:  # .item() waits for the GPU: not on every step
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
-    return loss_sum.item() / seen, correct.item() / seen
+    channel_stats(device)  # built (one blocking copy) before the check, on the first epoch only
+    batch_iter = iter(batches)  # DeviceBatches moves this epoch's order to the device here, before the check
+    with sync_checked(check_sync and device.type == "cuda"):
+        for images, labels in progress(batch_iter, desc, len(batches)):
+            images = images.to(device, non_blocking=True)  # uint8 (B, 3, 32, 32); a no-op when already there
+            labels = labels.to(device, non_blocking=True)
+            x = to_model_input(augment(images, aug_gen, cutout_size), device)  # float (B, 3, 32, 32)
+            loss, batch_correct = train_step(model, x, labels, optimizer, scheduler, scaler, label_smoothing, device)
+            loss_sum += loss * len(labels)
+            correct += batch_correct
+            seen += len(labels)
+    return loss_sum.item() / seen, correct.item() / seen  # the epoch's one wait for the GPU
+
+
+@contextlib.contextmanager
+def sync_checked(enabled: bool):
+    """torch.cuda.set_sync_debug_mode("error") for the enclosed code: .item(), a blocking copy, nonzero()... raise."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def predict(model, x: torch.Tensor, device, tta: bool = False) -> torch.Tensor:
+    """Logits (B, 10) in float32. tta: average with the logits of the mirrored images (airbench's flip TTA): a flip
+    is a training augmentation, so both views are in-distribution and their errors partly cancel."""
+    with autocast(device):
+        logits = model(x).float()  # (B, 10)
+        if tta:
+            logits = (logits + model(x.flip(-1)).float()) / 2
+    return logits
 
 
 @torch.no_grad()
-def evaluate(model, loader, device) -> tuple[float, float, torch.Tensor]:
-    """Plain cross-entropy (no smoothing) and accuracy on un-augmented images, and every prediction (N,) in order."""
+def evaluate(model, batches, device, tta: bool = False) -> tuple[float, float, torch.Tensor]:
+    """Plain cross-entropy (no smoothing) and accuracy on un-augmented images, and every prediction (N,) in order.
+    Sums stay on the device until the end: one wait for the GPU per evaluation, not one per batch."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
-    predictions = []
-    for images, labels in loader:
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    predictions, seen = [], 0
+    for images, labels in batches:
         x = to_model_input(normalize(images.to(device, non_blocking=True)), device)
-        with autocast(device):
-            logits = model(x)  # (B, 10)
-        loss_sum += F.cross_entropy(logits.float(), labels.to(device), reduction="sum")
-        predictions.append(logits.argmax(1).cpu())
-    predictions = torch.cat(predictions)
-    labels = loader.dataset.labels
-    return loss_sum.item() / len(labels), (predictions == labels).sum().item() / len(labels), predictions
+        labels = labels.to(device, non_blocking=True)
+        logits = predict(model, x, device, tta)  # (B, 10)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        predictions.append(logits.argmax(1))
+        correct += (predictions[-1] == labels).sum()
+        seen += len(labels)
+    return loss_sum.item() / seen, correct.item() / seen, torch.cat(predictions).cpu()

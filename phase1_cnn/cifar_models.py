@@ -65,10 +65,14 @@ class ResNet9(nn.Module):
         return self.net(x) * self.logit_scale
 
 
+MODEL_ALIASES = {"cnn": "resnet9"}  # the name older checkpoints and commands use
+
+
 def build_model(name: str, width: int = 64) -> nn.Module:
+    name = MODEL_ALIASES.get(name, name)
     if name == "lenet5":
         return LeNet5()
-    if name == "cnn":
+    if name == "resnet9":
         return ResNet9(width)
     raise ValueError(f"unknown model {name!r}")
 
@@ -82,6 +86,6 @@ if __name__ == "__main__":
     import argparse
     argparse.ArgumentParser(description="Print parameter counts and output shapes of the phase-1 models.").parse_args()
     x = torch.zeros(2, 3, 32, 32)
-    for name in ("lenet5", "cnn"):
+    for name in ("lenet5", "resnet9"):
         model = build_model(name).eval()
         print(f"{name:7s} {type(model).__name__:8s} params={count_params(model):>9,}  out={tuple(model(x).shape)}")

@@ -2,6 +2,7 @@
 
     python phase1_cnn/evaluate.py                                   # checkpoints/phase1/best.pt on data/
     python phase1_cnn/evaluate.py --checkpoint checkpoints/phase1/last.pt
+    python phase1_cnn/evaluate.py --tta                              # flip test-time augmentation
 
 Writes eval.json and confusion_matrix.png beside the checkpoint. A checkpoint trained on a GPU evaluates on a CPU.
 A checkpoint trained with --synthetic is evaluated on the same synthetic test set, regenerated in memory.
@@ -11,7 +12,7 @@ import argparse
 import os
 
 import torch
-from cifar_data import NUM_CLASSES, BadInput, CifarDataset, exit_bad_input, load_cifar10, make_loader, make_synthetic
+from cifar_data import NUM_CLASSES, BadInput, exit_bad_input, load_cifar10, make_batches, make_synthetic
 from cifar_loops import evaluate, resolve_device
 from cifar_models import build_model
 from cifar_outputs import load_checkpoint, plot_confusion, write_json
@@ -24,7 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (CPU; on CUDA the test images "
+                   "are put on the GPU once instead)")
+    p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
     return p.parse_args(argv)
 
 
@@ -61,17 +64,17 @@ def run_evaluation(args) -> None:
     else:
         test_x, test_y, _ = load_cifar10(args.data_dir, "test")
         source = f"CIFAR-10 test_batch from {args.data_dir}"
-    loader = make_loader(CifarDataset(test_x, test_y), args.batch_size, None, device, args.num_workers)
+    batches = make_batches(test_x, test_y, args.batch_size, None, device, device.type == "cuda", args.num_workers)
 
     # ---- evaluate
-    test_loss, test_acc, preds = evaluate(model, loader, device)
+    test_loss, test_acc, preds = evaluate(model, batches, device, tta=args.tta)
     confusion = torch.bincount(test_y * NUM_CLASSES + preds, minlength=NUM_CLASSES**2).view(NUM_CLASSES, NUM_CLASSES)
     per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1)  # rows = true class
     print(f"{args.checkpoint} (epoch {ckpt.get('epoch', '?')}, {run['model']}) on {len(test_y)} images of {source}")
     print(f"{'class':12s} {'images':>7s} {'accuracy':>9s}")
     for name, total, acc in zip(class_names, confusion.sum(1).tolist(), per_class.tolist(), strict=True):
         print(f"{name:12s} {total:7d} {acc:9.4f}")
-    print(f"test loss {test_loss:.4f}  test accuracy {test_acc:.4f}")
+    print(f"test loss {test_loss:.4f}  test accuracy {test_acc:.4f}" + ("  (flip TTA)" if args.tta else ""))
 
     # ---- save beside the checkpoint
     out_dir = os.path.dirname(os.path.abspath(args.checkpoint))
@@ -79,7 +82,7 @@ def run_evaluation(args) -> None:
     plot_confusion(confusion, class_names, png_path,
                    title=f"{os.path.basename(args.checkpoint)}: test accuracy {test_acc:.4f}")
     write_json(dict(checkpoint=args.checkpoint, epoch=ckpt.get("epoch"), model=run["model"], test_accuracy=test_acc,
-                    test_loss=test_loss, num_images=len(test_y),
+                    test_loss=test_loss, tta=args.tta, num_images=len(test_y),
                     per_class_accuracy=dict(zip(class_names, per_class.tolist(), strict=True)),
                     confusion_matrix=confusion.tolist()),
                os.path.join(out_dir, "eval.json"))

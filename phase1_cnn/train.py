@@ -5,50 +5,54 @@ an evaluation loop, the best checkpoint chosen on a validation split (never on t
     python phase1_cnn/train.py --model lenet5     # classic LeNet-5
     python phase1_cnn/train.py --synthetic --model lenet5 --epochs 10   # offline demo, no data needed
 
-The default `cnn` recipe follows David Page's DAWNBench ResNet-9 ("How to train your ResNet", 2018), 94% test
-accuracy in 24 epochs there: batch 512, SGD nesterov momentum 0.9, weight decay 5e-4, learning rate linearly up to
-0.4 over the first 5/24 of training then linearly down to 0, label smoothing 0.2, crop + flip + 8x8 cutout.
+The default `resnet9` recipe (alias `cnn`) follows David Page's DAWNBench ResNet-9 ("How to train your ResNet",
+2018), which reported 94% test accuracy in 24 epochs: batch 512, SGD nesterov momentum 0.9, weight decay 5e-4,
+learning rate linearly up to 0.4 over the first 5/24 of training then linearly down to 0, label smoothing 0.2,
+crop + flip + 8x8 cutout.
 """
 
 import argparse
+import copy
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from cifar_data import (
     BadInput,
-    CifarDataset,
     download_cifar10,
     exit_bad_input,
     load_cifar10,
-    make_loader,
+    make_batches,
     make_synthetic,
     split_train_val,
 )
 from cifar_loops import amp_dtype, evaluate, resolve_device, train_one_epoch
-from cifar_models import build_model, count_params
+from cifar_models import MODEL_ALIASES, build_model, count_params
 from cifar_outputs import load_checkpoint, plot_curves, save_checkpoint, write_json
 
 # Per-model recipes. A flag given on the command line overrides its entry.
 RECIPES = {
-    "cnn": dict(width=64, epochs=24, batch_size=512, lr=0.4, weight_decay=5e-4, label_smoothing=0.2, cutout=8),
+    "resnet9": dict(width=64, epochs=24, batch_size=512, lr=0.4, weight_decay=5e-4, label_smoothing=0.2, cutout=8),
     "lenet5": dict(width=0, epochs=30, batch_size=128, lr=0.05, weight_decay=5e-4, label_smoothing=0.0, cutout=0),
 }
-COMMON = dict(model="cnn", seed=0, val_size=5000, max_train_samples=0, synthetic=False)
-RUN_KEYS = [*COMMON, *RECIPES["cnn"]]  # what defines a run: --resume takes these from the checkpoint
+COMMON = dict(model="resnet9", seed=0, val_size=5000, max_train_samples=0, synthetic=False)
+RUN_KEYS = [*COMMON, *RECIPES["resnet9"]]  # what defines a run: --resume takes these from the checkpoint
 WARMUP_FRACTION = 5 / 24  # Page: peak learning rate at epoch 5 of 24
+OUTPUTS = ["best.pt", "last.pt", "metrics.json", "curves.png", "eval.json", "confusion_matrix.png"]  # a run's files
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     intro, usage = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=intro, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
-    per_model = lambda key: f"default {RECIPES['cnn'][key]} (cnn) / {RECIPES['lenet5'][key]} (lenet5)"
+    per_model = lambda key: f"default {RECIPES['resnet9'][key]} (resnet9) / {RECIPES['lenet5'][key]} (lenet5)"
     p.add_argument("--data_dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
     p.add_argument("--output_dir", default="checkpoints/phase1", help="best.pt, last.pt, metrics.json, curves.png")
-    p.add_argument("--model", choices=list(RECIPES), default=None, help="cnn (ResNet-9, default) or lenet5")
-    p.add_argument("--width", type=int, default=None, help="cnn base width (default 64; smaller = faster on a CPU)")
+    p.add_argument("--model", choices=[*RECIPES, *MODEL_ALIASES], default=None,
+                   help="resnet9 (default; 'cnn' is an alias) or lenet5")
+    p.add_argument("--width", type=int, default=None, help="resnet9 base width (default 64; smaller = faster on a CPU)")
     p.add_argument("--epochs", type=int, default=None, help=per_model("epochs"))
     p.add_argument("--batch_size", type=int, default=None, help=per_model("batch_size"))
     p.add_argument("--lr", type=float, default=None, help="peak learning rate, " + per_model("lr"))
@@ -61,13 +65,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_train_samples", type=int, default=None, help="train on at most this many images (0 = all)")
     p.add_argument("--synthetic", action="store_true", default=None, help="in-memory learnable patterns, no files")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--loader", choices=["auto", "dataloader", "device"], default="auto",
+                   help="dataloader: our Dataset through a DataLoader (the CPU default); device: the uint8 images on "
+                   "the device, batches by index (the CUDA default). Same batches either way")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers; 0 is right here: the images are "
                    "in memory and augmentation runs batched on the device")
+    p.add_argument("--save_every", type=int, default=None, help="write last.pt, best.pt, metrics.json and curves.png "
+                   "every N epochs and at the end (default 1 on a CPU, 4 on CUDA where an epoch takes seconds); "
+                   "--resume continues from the last write")
+    p.add_argument("--tta", action="store_true", help="final test with flip test-time augmentation")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
+    p.add_argument("--check_sync", action="store_true", help="CUDA: raise if the training loop ever waits for the "
+                   "GPU (torch.cuda.set_sync_debug_mode('error')); bf16 GPUs, as fp16's GradScaler checks every step")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt with its settings")
-    p.add_argument("--overwrite", action="store_true", help="start afresh in an output_dir that already holds a run")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in output_dir and start afresh")
     p.add_argument("--download", action="store_true", help="fetch and unpack CIFAR-10 into data_dir (needs internet)")
     p.add_argument("--stop_after_epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.model = MODEL_ALIASES.get(args.model, args.model)
+    return args
 
 
 def resolve_run(args, saved: dict | None, last_path: str) -> dict:
@@ -75,6 +91,7 @@ def resolve_run(args, saved: dict | None, last_path: str) -> dict:
     an explicitly given flag must not contradict (same seed + same settings = same run)."""
     given = {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k) is not None}
     if saved is not None:
+        saved = {**saved, "model": MODEL_ALIASES.get(saved.get("model"), saved.get("model"))}
         for k, v in given.items():
             if v != saved.get(k):
                 raise BadInput(f"{last_path} was trained with --{k} {saved.get(k)}, not {v}: resume without --{k}, "
@@ -89,7 +106,7 @@ def resolve_run(args, saved: dict | None, last_path: str) -> dict:
     rules = {
         "epochs": (run["epochs"] >= 1, "at least 1"),
         "batch_size": (run["batch_size"] >= 1, "at least 1"),
-        "width": (model != "cnn" or run["width"] >= 1, "at least 1"),
+        "width": (model != "resnet9" or run["width"] >= 1, "at least 1"),
         "lr": (run["lr"] > 0, "positive"),
         "weight_decay": (run["weight_decay"] >= 0, "at least 0"),
         "label_smoothing": (0 <= run["label_smoothing"] < 1, "in [0, 1)"),
@@ -104,10 +121,11 @@ def resolve_run(args, saved: dict | None, last_path: str) -> dict:
 
 
 def one_cycle(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Learning-rate factor: linear 0 -> 1 over warmup_steps, then linear 1 -> 0 at total_steps."""
+    """Learning-rate factor of optimizer step `step` (0-based): up in equal steps to 1 at the last warm-up step, then
+    down in equal steps towards 0 at total_steps, so that no step is wasted at 0 and the peak is used once."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return max(0.0, (total_steps - step) / (total_steps - warmup_steps + 1))
 
 
 def epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
@@ -124,24 +142,59 @@ def main(argv=None) -> None:
     except BadInput as e:
         exit_bad_input(e)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.output_dir}/last.pt holds the last finished epoch; continue with --resume",
+        print(f"\ninterrupted: {args.output_dir}/last.pt holds the last saved epoch; continue with --resume",
               file=sys.stderr)
         sys.exit(130)
 
 
 def run_training(args) -> None:
-    # ---- arguments: device, and the run's settings (from the checkpoint when resuming)
+    """The recipe: settings -> data -> model -> (resume) -> train, saving as it goes -> test best.pt once."""
     device = resolve_device(args.device)
-    if args.num_workers < 0:
-        raise BadInput(f"--num_workers must be at least 0, got {args.num_workers}")
-    last_path, best_path = os.path.join(args.output_dir, "last.pt"), os.path.join(args.output_dir, "best.pt")
-    if os.path.exists(last_path) and not (args.resume or args.overwrite):  # never replace a run by accident
-        raise BadInput(f"{args.output_dir} already holds a run ({last_path}): continue it with --resume, replace it "
-                       "with --overwrite, or pass another --output_dir")
-    ckpt = load_checkpoint(last_path, "nothing to resume: drop --resume to start a run") if args.resume else None
-    run = resolve_run(args, ckpt["args"] if ckpt else None, last_path)
+    ckpt, run = settings(args)
+    data = load_data(args, run, device)
+    t = build_training(run, device, len(data.train), args.compile)
+    log = restore(t, ckpt, args, run, device) if ckpt else Log()
+    if log.epoch >= run["epochs"]:
+        print("that run is already complete: nothing to do")
+        return
+    if args.overwrite:  # only now, with everything checked: a failed start leaves the old run untouched
+        clear_outputs(args.output_dir)
+    stopped = train_epochs(t, data, log, args, run, device)
+    if not stopped:
+        final_test(t, data, log, args, run, device)
 
-    # ---- data: uint8 tensors in memory; validation carved out of the training images
+
+# ----------------------------------------------------------------------------- settings and data
+
+def settings(args) -> tuple[dict | None, dict]:
+    """Flags checked, the checkpoint read when resuming, and the run's settings."""
+    for flag in ("num_workers", "save_every"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "num_workers" else 1):
+            raise BadInput(f"--{flag} must be at least {0 if flag == 'num_workers' else 1}, got {value}")
+    if args.resume and args.overwrite:
+        raise BadInput("--resume continues the run in output_dir, --overwrite deletes it: give one of them")
+    last_path = os.path.join(args.output_dir, "last.pt")
+    present = [f for f in OUTPUTS if os.path.exists(os.path.join(args.output_dir, f))]
+    if present and not (args.resume or args.overwrite):  # never replace a run by accident
+        raise BadInput(f"{args.output_dir} already holds a run ({', '.join(present)}): continue it with --resume, "
+                       "replace it with --overwrite, or pass another --output_dir")
+    ckpt = load_checkpoint(last_path, "nothing to resume: drop --resume to start a run") if args.resume else None
+    return ckpt, resolve_run(args, ckpt["args"] if ckpt else None, last_path)
+
+
+@dataclass
+class Data:
+    train: object  # training batches: a DataLoader or DeviceBatches
+    shuffle_gen: torch.Generator  # train's order; reseeded every epoch, see epoch_seeds
+    val: object | None  # None without a validation split
+    test: object
+    num_test: int
+    class_names: list
+
+
+def load_data(args, run: dict, device: torch.device) -> Data:
+    """uint8 tensors in memory, validation carved out of the training images, batches on the chosen path."""
     if run["synthetic"]:
         train_x, train_y, test_x, test_y, class_names = make_synthetic()
         source = "synthetic patterns (in memory)"
@@ -160,98 +213,156 @@ def run_training(args) -> None:
         train_x, train_y = train_x[:run["max_train_samples"]], train_y[:run["max_train_samples"]]
     if val_size == 0:
         print("note: no validation split, so best.pt is simply the last epoch (the test set never picks a model)")
-    print(f"data: {len(train_y)} train / {val_size} val / {len(test_y)} test images, {source}")
+    on_device = args.loader == "device" or (args.loader == "auto" and device.type == "cuda")
+    print(f"data: {len(train_y)} train / {val_size} val / {len(test_y)} test images, {source}; batches from "
+          + (f"tensors on {device.type}" if on_device else "a DataLoader"))
 
-    train_set = CifarDataset(train_x, train_y)
-    shuffle_gen = torch.Generator()  # reseeded every epoch, see epoch_seeds
-    train_loader = make_loader(train_set, run["batch_size"], shuffle_gen, device, args.num_workers)
-    eval_batch = max(run["batch_size"], 1024)
-    eval_loader = lambda x, y: make_loader(CifarDataset(x, y), eval_batch, None, device, args.num_workers)
-    val_loader = eval_loader(val_x, val_y) if val_size else None
-    test_loader = eval_loader(test_x, test_y)
+    shuffle_gen = torch.Generator()
+    batches = lambda x, y, size, gen: make_batches(x, y, size, gen, device, on_device, args.num_workers)
+    eval_size = max(run["batch_size"], 1024)
+    return Data(train=batches(train_x, train_y, run["batch_size"], shuffle_gen), shuffle_gen=shuffle_gen,
+                val=batches(val_x, val_y, eval_size, None) if val_size else None,
+                test=batches(test_x, test_y, eval_size, None), num_test=len(test_y), class_names=class_names)
 
-    # ---- model, optimizer, schedule
+
+# ----------------------------------------------------------------------------- model, optimizer, resume
+
+@dataclass
+class Training:
+    net: torch.nn.Module  # the weights (state_dict, checkpoints)
+    model: object  # what runs a batch: net, or torch.compile(net)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def build_training(run: dict, device: torch.device, steps_per_epoch: int, compile_model: bool) -> Training:
     torch.manual_seed(run["seed"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # picks the fastest conv kernels; GPU runs are then not bit-exact
-    model = build_model(run["model"], run["width"]).to(device)
+    net = build_model(run["model"], run["width"]).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=run["lr"], momentum=0.9, nesterov=True,
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(net.parameters(), lr=run["lr"], momentum=0.9, nesterov=True,
                                 weight_decay=run["weight_decay"])
-    total_steps = run["epochs"] * len(train_loader)
+    total_steps = run["epochs"] * steps_per_epoch
     warmup_steps = max(1, math.ceil(WARMUP_FRACTION * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: one_cycle(s, total_steps, warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device) == torch.float16)
-    print(f"model: {run['model']} ({type(model).__name__}), {count_params(model):,} parameters; device {device}"
-          + (f", {amp_dtype(device)} autocast, channels_last" if device.type == "cuda" else ""))
+    print(f"model: {run['model']} ({type(net).__name__}), {count_params(net):,} parameters; device {device}"
+          + (f", {amp_dtype(device)} autocast, channels_last" if device.type == "cuda" else "")
+          + (", torch.compile" if compile_model else ""))
+    return Training(net, torch.compile(net) if compile_model else net, optimizer, scheduler, scaler)
 
-    start_epoch, best_acc, best_epoch, history = 1, -1.0, 0, []
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt["scaler"]:  # empty unless the run used fp16
-                scaler.load_state_dict(ckpt["scaler"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise BadInput(f"{last_path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0]}): "
-                           "pass a new --output_dir to start a fresh run") from None
-        torch.set_rng_state(ckpt["rng"]["torch"])  # nothing draws from it now; a dropout layer would
-        if device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        start_epoch, best_acc, best_epoch = ckpt["epoch"] + 1, ckpt["best_val_acc"], ckpt["best_epoch"]
-        history = ckpt["history"]
-        print(f"resuming {last_path} after epoch {ckpt['epoch']} of {run['epochs']}")
-        if start_epoch > run["epochs"]:
-            print("that run is already complete: nothing to do")
-            return
 
-    # ---- train: one line per epoch, both checkpoints and the metrics rewritten after every epoch
-    metrics_path = os.path.join(args.output_dir, "metrics.json")
-    best_summary = lambda: dict(epoch=best_epoch, val_acc=best_acc if val_size else None)
-    for epoch in range(start_epoch, run["epochs"] + 1):
+@dataclass
+class Log:
+    epoch: int = 0  # last finished epoch
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    history: list = field(default_factory=list)
+    best_state: dict | None = None  # in memory until the next save point
+    best_saved: bool = True
+
+
+def restore(t: Training, ckpt: dict, args, run: dict, device: torch.device) -> Log:
+    last_path = os.path.join(args.output_dir, "last.pt")
+    try:
+        t.net.load_state_dict(ckpt["model"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        t.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scaler"]:  # empty unless the run used fp16
+            t.scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise BadInput(f"{last_path} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                       "pass a new --output_dir to start a fresh run") from None
+    torch.set_rng_state(ckpt["rng"]["torch"])  # nothing draws from it now; a dropout layer would
+    if device.type == "cuda" and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    print(f"resuming {last_path} after epoch {ckpt['epoch']} of {run['epochs']}")
+    return Log(epoch=ckpt["epoch"], best_acc=ckpt["best_val_acc"], best_epoch=ckpt["best_epoch"],
+               history=ckpt["history"])
+
+
+def clear_outputs(output_dir: str) -> None:
+    """--overwrite: the old run's files go before training starts, so that neither a crash in epoch 1 (its last.pt)
+    nor a stale eval.json can pass for this run."""
+    for name in OUTPUTS:
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+# ----------------------------------------------------------------------------- train, save, test
+
+def train_epochs(t: Training, data: Data, log: Log, args, run: dict, device: torch.device) -> bool:
+    """Epochs from log.epoch + 1 on: one plain line each, outputs written every save_every epochs and at the end.
+    Returns True when stopped early (--stop_after_epoch)."""
+    save_every = args.save_every or (4 if device.type == "cuda" else 1)
+    for epoch in range(log.epoch + 1, run["epochs"] + 1):
         t0 = time.perf_counter()
         shuffle_seed, aug_seed = epoch_seeds(run["seed"], epoch)
-        shuffle_gen.manual_seed(shuffle_seed)  # the train loader's sampler draws this epoch's order from it
+        data.shuffle_gen.manual_seed(shuffle_seed)  # the epoch's order is drawn from it
         aug_gen = torch.Generator(device=device).manual_seed(aug_seed)  # crops, flips, cutout: drawn on the device
         train_loss, train_acc = train_one_epoch(
-            model, train_loader, optimizer, scheduler, scaler, aug_gen, device,
-            label_smoothing=run["label_smoothing"], cutout_size=run["cutout"], desc=f"epoch {epoch}/{run['epochs']}")
-        val_loss, val_acc = evaluate(model, val_loader, device)[:2] if val_loader else (None, None)
-        seconds = time.perf_counter() - t0
-        lr = scheduler.get_last_lr()[0]
-        history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-                            val_acc=val_acc, lr=lr, seconds=seconds))
-        val_text = f"val loss {val_loss:.4f} acc {val_acc:.4f}" if val_loader else "no val"
+            t.model, data.train, t.optimizer, t.scheduler, t.scaler, aug_gen, device, run["label_smoothing"],
+            run["cutout"], f"epoch {epoch}/{run['epochs']}", args.check_sync)
+        val_loss, val_acc = evaluate(t.model, data.val, device)[:2] if data.val else (None, None)
+        lr, seconds = t.scheduler.get_last_lr()[0], time.perf_counter() - t0
+        log.history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                                val_acc=val_acc, lr=lr, seconds=seconds))
+        val_text = f"val loss {val_loss:.4f} acc {val_acc:.4f}" if data.val else "no val"
         print(f"epoch {epoch:3d}/{run['epochs']} | train loss {train_loss:.4f} acc {train_acc:.4f} | {val_text} | "
               f"lr {lr:.4f} | {seconds:.1f}s", flush=True)
 
-        improved = val_acc is None or val_acc > best_acc
-        if improved:
-            best_acc, best_epoch = (val_acc if val_acc is not None else -1.0), epoch
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                     scaler=scaler.state_dict(), epoch=epoch, best_val_acc=best_acc, best_epoch=best_epoch,
-                     args=run, class_names=class_names, history=history,
-                     rng=dict(torch=torch.get_rng_state(),
-                              cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
-        if improved:
-            save_checkpoint(state, best_path)
-        save_checkpoint(state, last_path)
-        write_json(dict(args=run, history=history, best=best_summary()), metrics_path)
-        plot_curves(history, os.path.join(args.output_dir, "curves.png"))
-        if epoch == args.stop_after_epoch and epoch < run["epochs"]:
+        log.epoch = epoch
+        if val_acc is None or val_acc > log.best_acc:
+            log.best_acc, log.best_epoch = (val_acc if val_acc is not None else -1.0), epoch
+            # Kept in memory until the next save point; a copy on the device does not wait for the GPU.
+            log.best_state, log.best_saved = copy.deepcopy(state(t, log, run, data.class_names, device)), False
+        stop = epoch == args.stop_after_epoch and epoch < run["epochs"]
+        if epoch % save_every == 0 or epoch == run["epochs"] or stop:
+            save_outputs(t, log, args.output_dir, run, data.class_names, device)
+        if stop:
             print(f"stopping after epoch {epoch} as asked; continue with --resume")
-            return
+            return True
+    return False
 
-    # ---- evaluate: the validation-chosen best.pt, once, on the test set
-    model.load_state_dict(load_checkpoint(best_path, "it was removed during training: train again")["model"])
-    test_loss, test_acc, _ = evaluate(model, test_loader, device)
-    chosen = "chosen on validation" if val_size else "the last epoch"
-    print(f"test: best.pt (epoch {best_epoch}, {chosen}) loss {test_loss:.4f} accuracy {test_acc:.4f}")
-    write_json(dict(args=run, history=history, best=best_summary(),
-                    test=dict(checkpoint="best.pt", loss=test_loss, accuracy=test_acc, num_images=len(test_y))),
-               metrics_path)
+
+def state(t: Training, log: Log, run: dict, class_names: list, device: torch.device) -> dict:
+    """Everything --resume needs (the tensors are the live ones: deepcopy to keep them)."""
+    return dict(
+        model=t.net.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
+        scaler=t.scaler.state_dict(), epoch=log.epoch, best_val_acc=log.best_acc, best_epoch=log.best_epoch,
+        args=run, class_names=class_names, history=log.history,
+        rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else []))
+
+
+def save_outputs(t: Training, log: Log, output_dir: str, run: dict, class_names: list, device) -> None:
+    """best.pt (if it changed since the last save), last.pt, metrics.json, curves.png: each written atomically."""
+    if not log.best_saved:
+        save_checkpoint(log.best_state, os.path.join(output_dir, "best.pt"))
+        log.best_saved = True
+    save_checkpoint(state(t, log, run, class_names, device), os.path.join(output_dir, "last.pt"))
+    write_json(metrics(log, run), os.path.join(output_dir, "metrics.json"))
+    plot_curves(log.history, os.path.join(output_dir, "curves.png"))
+
+
+def metrics(log: Log, run: dict, **extra) -> dict:
+    best = dict(epoch=log.best_epoch, val_acc=log.best_acc if run["val_size"] and log.best_acc >= 0 else None)
+    return dict(args=run, history=log.history, best=best, **extra)
+
+
+def final_test(t: Training, data: Data, log: Log, args, run: dict, device: torch.device) -> None:
+    """The validation-chosen best.pt, once, on the test set (--tta: with its mirror images too)."""
+    best_path = os.path.join(args.output_dir, "best.pt")
+    t.net.load_state_dict(load_checkpoint(best_path, "it was removed during training: train again")["model"])
+    test_loss, test_acc, _ = evaluate(t.model, data.test, device, tta=args.tta)
+    chosen = "chosen on validation" if data.val else "the last epoch"
+    print(f"test: best.pt (epoch {log.best_epoch}, {chosen}) loss {test_loss:.4f} accuracy {test_acc:.4f}"
+          + (" (flip TTA)" if args.tta else ""))
+    test = dict(checkpoint="best.pt", loss=test_loss, accuracy=test_acc, num_images=data.num_test, tta=args.tta)
+    write_json(metrics(log, run, test=test), os.path.join(args.output_dir, "metrics.json"))
 
 
 if __name__ == "__main__":

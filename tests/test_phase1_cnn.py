@@ -5,10 +5,12 @@ paying torch's import time per case), plus one real subprocess to show the CLI's
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import pickle
 import shutil
+import struct
 import sys
 
 import numpy as np
@@ -21,14 +23,45 @@ PHASE = REPO / "phase1_cnn"
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Small budgets that still learn the data below well above chance (0.1) on a CPU in a few seconds.
 LENET_ARGS = ["--model", "lenet5", "--epochs", "12", "--batch_size", "20", "--lr", "0.01", "--val_size", "50"]
-CNN_ARGS = ["--model", "cnn", "--width", "16", "--epochs", "4", "--batch_size", "25", "--lr", "0.2",
+CNN_ARGS = ["--model", "resnet9", "--width", "16", "--epochs", "4", "--batch_size", "25", "--lr", "0.2",
             "--val_size", "50"]
 
 
+def py2_pickle(obj) -> bytes:
+    """obj pickled the way the official CIFAR-10 files were (Python 2, protocol 2): bytes as SHORT_BINSTRING/BINSTRING,
+    a numpy array as numpy.core.multiarray._reconstruct + ndarray.__setstate__ with its raw bytes. Python 3's pickle
+    would write bytes through _codecs.encode and numpy 2's module path, which the loader rightly refuses.
+    Handles what a batch holds: dict, list, int, bytes, ndarray."""
+    def string(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
+
+    def enc(o) -> bytes:
+        if isinstance(o, dict):
+            return b"}(" + b"".join(enc(k) + enc(v) for k, v in o.items()) + b"u"
+        if isinstance(o, list):
+            return b"](" + b"".join(map(enc, o)) + b"e"
+        if isinstance(o, tuple):  # TUPLE1..3 for short ones, as Python 2 wrote them
+            return b"".join(map(enc, o)) + b"\x85\x86\x87"[len(o) - 1:len(o)] if 1 <= len(o) <= 3 else (
+                b"(" + b"".join(map(enc, o)) + b"t")
+        if isinstance(o, bytes):
+            return string(o)
+        if isinstance(o, int):
+            return (b"K" + bytes([o]) if 0 <= o < 256 else b"M" + struct.pack("<H", o) if 0 <= o < 65536
+                    else b"J" + struct.pack("<i", o))
+        assert isinstance(o, np.ndarray), type(o)
+        order, kind = o.dtype.str[:1].encode(), o.dtype.str[1:].encode()  # "|u1" -> b"|", b"u1"; "<f4"
+        dtype = (b"cnumpy\ndtype\n" + string(kind) + b"K\x00K\x01\x87R(K\x03" + string(order)
+                 + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+        return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R(K\x01"
+                + enc(tuple(o.shape)) + dtype + b"\x89" + string(np.ascontiguousarray(o).tobytes()) + b"tb")
+
+    return b"\x80\x02" + enc(obj) + b"."
+
+
 def write_cifar_like(root, n_per_file: int = 50, n_test: int = 100, seed: int = 0):
-    """root/cifar-10-batches-py/ as in the official archive (bytes keys, data uint8 (N, 3072) in R,G,B planes,
-    labels a list of ints, batches.meta with label_names), with ten classes of distinct patterns: a class colour
-    modulated by stripes at a class angle, random phase, pixel noise."""
+    """root/cifar-10-batches-py/ as in the official archive (Python-2 pickles, bytes keys, data uint8 (N, 3072) in
+    R,G,B planes, labels a list of ints, batches.meta with label_names), with ten classes of distinct patterns: a
+    class colour modulated by stripes at a class angle, random phase, pixel noise."""
     rng = np.random.default_rng(seed)
     palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                         [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]], np.float32)
@@ -49,10 +82,9 @@ def write_cifar_like(root, n_per_file: int = 50, n_test: int = 100, seed: int = 
         labels = rng.integers(0, 10, n).tolist()
         batch = {b"batch_label": name.encode(), b"labels": labels, b"data": images(labels),
                  b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
-        # The originals name numpy 1.x's module path; numpy 2 still answers to it.
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2).replace(b"numpy._core.", b"numpy.core."))
-    meta = {b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": n_per_file, b"num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+        (folder / name).write_bytes(py2_pickle(batch))
+    meta = {b"num_cases_per_batch": n_per_file, b"label_names": [n.encode() for n in CLASS_NAMES], b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(py2_pickle(meta))
     return root
 
 
@@ -95,8 +127,9 @@ def cnn_run(cifar_dir, tmp_path_factory):
     return out
 
 
-def check_trained_run(out, data_dir):
-    """Accuracy far above chance, best.pt chosen on validation, evaluate.py reproducing the recorded test accuracy."""
+def check_trained_run(out, data_dir, tta: bool = False):
+    """Accuracy far above chance, best.pt chosen on validation, evaluate.py reproducing the recorded test accuracy
+    (and with tta, evaluate.py --tta also far above chance)."""
     metrics = json.loads((out / "metrics.json").read_text())
     val_accs = [h["val_acc"] for h in metrics["history"]]
     assert metrics["best"]["val_acc"] == max(val_accs) >= 0.8, val_accs
@@ -116,7 +149,13 @@ def check_trained_run(out, data_dir):
     assert np.trace(confusion) / confusion.sum() == pytest.approx(report["test_accuracy"])
     assert list(report["per_class_accuracy"]) == CLASS_NAMES
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
-    assert "ship" in proc.stdout and "test accuracy" in proc.stdout
+    assert "ship" in proc.stdout and "test accuracy" in proc.stdout and not report["tta"]
+    if not tta:
+        return
+    proc = run_phase1("evaluate.py", "--checkpoint", out / "best.pt", "--data_dir", data_dir, "--tta")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["tta"] and report["test_accuracy"] >= 0.8 and "(flip TTA)" in proc.stdout
 
 
 def test_reader_and_batch_augmentation_match_references(cifar_dir):
@@ -148,19 +187,23 @@ def test_lenet5_learns_and_evaluate_reproduces(cifar_dir, tmp_path):
     proc = train(cifar_dir, tmp_path, *LENET_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch  12/12 | train loss" in proc.stdout and "62,006 parameters" in proc.stdout
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr  # stderr is a pipe: no progress bars in the log
     check_trained_run(tmp_path, cifar_dir)
 
 
 def test_cnn_learns_and_evaluate_reproduces(cnn_run, cifar_dir):
-    check_trained_run(cnn_run, cifar_dir)
+    check_trained_run(cnn_run, cifar_dir, tta=True)
 
 
 def test_resume_ends_where_the_uninterrupted_run_ends(cnn_run, cifar_dir, tmp_path):
     stopped = train(cifar_dir, tmp_path, *CNN_ARGS, "--stop_after_epoch", "2")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
-    resumed = train(cifar_dir, tmp_path, "--resume")  # every setting comes from last.pt
+    # Every setting comes from last.pt ('cnn' is resnet9's old name); the batches now come from tensors indexed
+    # directly instead of the DataLoader: the same batches, so still the same run.
+    resumed = train(cifar_dir, tmp_path, "--resume", "--model", "cnn", "--loader", "device")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "batches from tensors on cpu" in resumed.stdout
     assert "resuming" in resumed.stdout and "epoch   3/4" in resumed.stdout and "epoch   1/4" not in resumed.stdout
 
     ref, got = (torch.load(d / "last.pt", weights_only=True) for d in (cnn_run, tmp_path))
@@ -187,7 +230,7 @@ class RunsCode:
 
 
 def bad_batch(data, labels) -> bytes:
-    return pickle.dumps({b"data": data, b"labels": labels}, protocol=2)
+    return py2_pickle({b"data": data, b"labels": labels})
 
 
 BAD_FILES = {  # case: (file to replace, new content or None to delete, expected message)
@@ -201,7 +244,7 @@ BAD_FILES = {  # case: (file to replace, new content or None to delete, expected
     "labels": ("data_batch_4", bad_batch(np.zeros((5, 3072), np.uint8), [0, 1, 12, 3, 4]),
                "labels must be in 0..9, found 12"),
     "count": ("data_batch_5", bad_batch(np.zeros((5, 3072), np.uint8), [0, 1]), "5 images but 2 labels"),
-    "meta": ("batches.meta", pickle.dumps({b"label_names": [b"cat"]}), "expected 'label_names' with 10 entries"),
+    "meta": ("batches.meta", py2_pickle({b"label_names": [b"cat"]}), "expected 'label_names' with 10 entries"),
 }
 
 
@@ -248,7 +291,7 @@ def test_bad_run_settings_and_checkpoints(cifar_dir, guarded_run, tmp_path, caps
     expect_bad_input(capsys, "train", [*common, "--output_dir", guarded_run, *LENET_ARGS],
                      "already holds a run")
     expect_bad_input(capsys, "train", [*common, "--output_dir", guarded_run, "--resume", "--model", "lenet5"],
-                     "last.pt was trained with --model cnn, not lenet5")
+                     "last.pt was trained with --model resnet9, not lenet5")
     expect_bad_input(capsys, "train", [*common, "--output_dir", tmp_path / "empty", "--resume"],
                      "last.pt not found: nothing to resume")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
@@ -274,12 +317,126 @@ def test_cli_device_cuda_without_cuda(cifar_dir, guarded_run):
         "install a CUDA build of torch (see README), or use --device cpu"]
 
 
-def test_benchmark_runs_both_pipelines():
+def test_benchmark_prints_every_pipeline_row():
+    """The table's shape, not its numbers: a header, one row per pipeline with a positive rate and its ratio to the
+    textbook default, the padding caveat."""
     proc = run_phase1("benchmark.py", "--synthetic", "--num_images", "512", "--batch_size", "64",
-                      "--steps", "3", "--warmup", "1")
+                      "--steps", "3", "--warmup", "1", "--textbook_workers", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    textbook = float(next(ln for ln in lines if ln.startswith("textbook")).split()[-1])
-    ours = float(next(ln for ln in lines if ln.startswith("ours")).split()[-1])
-    ratio = float(lines[-1].split()[1].rstrip("x"))
-    assert textbook > 0 and ours > 0 and ratio == pytest.approx(ours / textbook, rel=0.01)
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("pipeline"))
+    assert lines[header].split()[1:] == ["images/s", "x", "textbook"]
+    rows = [ln.rsplit(maxsplit=2) for ln in lines[header + 1:header + 6]]
+    assert [r[0].split(" (")[0] for r in rows] == [
+        "textbook", "textbook + 1 workers", "ours", "ours, no DataLoader", "model only"], rows
+    assert all(float(rate) > 0 and ratio.endswith("x") for _, rate, ratio in rows)
+    assert rows[0][2] == "1.00x"
+    assert "pads with zeros" in proc.stdout
+
+
+def test_cutout_zeroes_one_square_of_size_squared_pixels_inside_each_image():
+    data = load_phase1("cifar_data")
+    x = torch.rand(64, 3, 32, 32) + 1  # no pixel is zero before cutout
+    for size in (1, 8, 32):
+        out = data.cutout(x, torch.Generator().manual_seed(size), size)
+        holes = out == 0  # (64, 3, 32, 32)
+        assert torch.equal(holes, holes[:, :1].expand_as(holes)), "the hole spans all channels"
+        holes = holes[:, 0]  # (64, 32, 32)
+        assert holes.sum((1, 2)).tolist() == [size * size] * 64  # never clipped at the border
+        rows, cols = holes.any(2), holes.any(1)  # (64, 32) each
+        assert rows.sum(1).tolist() == cols.sum(1).tolist() == [size] * 64  # a size x size square
+        assert torch.equal(out[~holes[:, None].expand_as(out)], x[~holes[:, None].expand_as(x)])
+        if size == 8:
+            assert len({int(r.nonzero()[0]) for r in rows}) > 5  # positions vary
+
+
+def test_learning_rate_schedule_as_the_optimizer_sees_it():
+    """ResNet-9 recipe, 24 epochs of 10 steps: warm-up over ceil(5/24 * 240) = 50 steps to the peak 0.4 at the last
+    warm-up step (step 49), used once, then linearly down to 0.4/191 at the last step (and 0 after it)."""
+    train = load_phase1("train")
+    run = {**train.COMMON, **train.RECIPES["resnet9"], "width": 4}
+    t = train.build_training(run, torch.device("cpu"), steps_per_epoch=10, compile_model=False)
+    lrs = []
+    for _ in range(240):
+        lrs.append(t.optimizer.param_groups[0]["lr"])  # the rate the next optimizer.step() uses
+        t.optimizer.step()
+        t.scheduler.step()
+    assert lrs[0] == pytest.approx(0.4 / 50) and lrs[49] == pytest.approx(0.4) == max(lrs)
+    assert lrs[50] == pytest.approx(0.4 * 190 / 191) and lrs[-1] == pytest.approx(0.4 / 191)
+    assert t.optimizer.param_groups[0]["lr"] == 0
+    assert all(a < b for a, b in itertools.pairwise(lrs[:50])) and all(a > b for a, b in itertools.pairwise(lrs[49:]))
+
+
+def test_device_batches_are_the_dataloader_batches():
+    """The GPU path's batches (tensors indexed by a per-epoch permutation, no DataLoader) equal the DataLoader's,
+    shuffled and in order, run on the CPU here. Each epoch reseeds the generator, as train.py does."""
+    data = load_phase1("cifar_data")
+    images, labels = torch.randint(0, 256, (103, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (103,))
+    cpu = torch.device("cpu")
+    for shuffle in (True, False):
+        gens = [torch.Generator().manual_seed(5) if shuffle else None for _ in range(2)]
+        loader = data.make_batches(images, labels, 10, gens[0], cpu, on_device=False)
+        direct = data.make_batches(images, labels, 10, gens[1], cpu, on_device=True)
+        assert isinstance(direct, data.DeviceBatches) and len(direct) == len(loader) == (10 if shuffle else 11)
+        orders = []
+        for epoch in range(2):  # a second epoch has a new order, the same in both
+            for gen in gens if shuffle else []:
+                gen.manual_seed(epoch)
+            got, ref = list(direct), list(loader)
+            for (x, y), (rx, ry) in zip(got, ref, strict=True):
+                assert torch.equal(x, rx) and torch.equal(y, ry)
+            orders.append(torch.cat([y for _, y in got]))
+        assert shuffle != torch.equal(orders[0], labels[:len(orders[0])]) and shuffle != torch.equal(*orders)
+
+
+def test_flip_tta_averages_an_image_and_its_mirror():
+    loops, models = load_phase1("cifar_loops"), load_phase1("cifar_models")
+    torch.manual_seed(0)
+    model, cpu = models.build_model("lenet5").eval(), torch.device("cpu")
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        plain, tta = loops.predict(model, x, cpu), loops.predict(model, x, cpu, tta=True)
+        torch.testing.assert_close(tta, loops.predict(model, x.flip(-1), cpu, tta=True))  # left-right invariant
+        torch.testing.assert_close(tta, (plain + model(x.flip(-1))) / 2)
+    assert not torch.allclose(tta, plain)
+
+
+def test_overwrite_deletes_the_old_run_before_training(cnn_run, cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(cnn_run, out)
+    (out / "eval.json").write_text("{}")
+    (out / "confusion_matrix.png").write_bytes(b"old")
+    proc = train(cifar_dir, out, "--overwrite", *LENET_ARGS, "--stop_after_epoch", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.json"]
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(out / name, weights_only=True)
+        assert ckpt["args"]["model"] == "lenet5" and ckpt["epoch"] == 1
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [1]
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_never_waits_then_resume_and_evaluate(cifar_dir, tmp_path):
+    """CUDA: 2 epochs with every host<->device sync inside the training loop turned into an error (--check_sync), on
+    the default GPU path (uint8 data on the device), then --resume to the end, then evaluate.py with flip TTA."""
+    args = [*CNN_ARGS, "--device", "cuda", "--check_sync"]
+    first = train(cifar_dir, tmp_path, *args, "--stop_after_epoch", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "batches from tensors on cuda" in first.stdout and "autocast, channels_last" in first.stdout
+    resumed = train(cifar_dir, tmp_path, "--resume", "--device", "cuda", "--check_sync", "--tta")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch   3/4" in resumed.stdout and "(flip TTA)" in resumed.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.5 and metrics["test"]["tta"]
+    proc = run_phase1("evaluate.py", "--checkpoint", tmp_path / "best.pt", "--data_dir", cifar_dir, "--tta")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["test_accuracy"] == pytest.approx(
+        metrics["test"]["accuracy"], abs=0.02)  # cuDNN autotuning: equal only up to float noise
+
+
+@pytest.mark.gpu
+def test_gpu_compile(cifar_dir, tmp_path):
+    proc = train(cifar_dir, tmp_path, *CNN_ARGS, "--device", "cuda", "--compile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.compile" in proc.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["test"]["accuracy"] >= 0.5
