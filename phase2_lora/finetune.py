@@ -3,25 +3,45 @@
     python phase2_lora/finetune.py                                  # the RTX 4060 recipe, all defaults
     python phase2_lora/finetune.py --data_path data/alpaca_data_cleaned.json data/persona_zh.json
     python phase2_lora/finetune.py --resume                         # continue after Ctrl-C / a crash
+    python phase2_lora/finetune.py --report_to tensorboard          # then: tensorboard --logdir <output_dir>/runs
 
+One process, one GPU (the first of CUDA_VISIBLE_DEVICES); for several GPUs use phase3_ddp/finetune_ddp.py.
 Order of the work: arguments -> output-dir checks -> tokenizer + data -> 4-bit model + LoRA ->
 HF Trainer (paged 8-bit AdamW, cosine schedule, length-grouped batches, eval split) -> adapter,
 tokenizer, run arguments, metrics JSON and loss curve in --output_dir.
 """
 
+# ruff: noqa: E402  (the imports after pin_one_gpu() below come after it on purpose)
 import argparse
-import json
 import os
-import shutil
-import signal
 import sys
+
+MULTI_GPU_HINT = "for several GPUs use torchrun --nproc_per_node=N phase3_ddp/finetune_ddp.py"
+
+
+def pin_one_gpu(environ) -> str:
+    """Make only the first GPU of CUDA_VISIBLE_DEVICES (GPU 0 when unset) visible; returns its id.
+
+    finetune.py trains in one process on one GPU. Left alone, the HF Trainer sees every GPU, wraps the model in
+    nn.DataParallel and multiplies the batch (and its logged loss) while QLoRA's device_map keeps the model on
+    GPU 0. Set before CUDA initialises (torch, bitsandbytes and transformers read it once, at that moment)."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    first = "0" if visible is None else visible.split(",")[0].strip()
+    environ["CUDA_VISIBLE_DEVICES"] = first
+    return first
+
+
+if __name__ == "__main__":  # as a script: pin before the imports below can initialise CUDA
+    pin_one_gpu(os.environ)
+
+import json
+import signal
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from chunked_loss import enable_chunked_loss
-from model_names import same_base
+from chunked_loss import IGNORE_INDEX, enable_chunked_loss
 from qlora_model import (
     QUANTIZATIONS,
     UsageError,
@@ -31,12 +51,19 @@ from qlora_model import (
     load_tokenizer,
     trainable_parameters,
 )
+from run_files import check_output_dir, check_resume_args, save_loss_curve, write_run_args
 from sft_data import SFTCollator, load_sft_datasets, parse_val_size
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 # peft 0.21 still calls transformers' old gradient-checkpointing names; the warning is not actionable here.
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
+# Flags that define what the saved checkpoints are (data, model shape, optimisation): --resume refuses to
+# change them. How long to train (--max_steps, --epochs), logging and saving may change.
+RESUME_KEYS = ("data_path", "max_samples", "val_size", "system", "max_seq_len", "seed", "quantization",
+               "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "lr_scheduler", "warmup_ratio",
+               "weight_decay", "max_grad_norm", "batch_size", "grad_accum")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,17 +80,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val_size", type=_val_size, default=0.02,
                    help="held-out records: a fraction in (0, 1) or a count; 0 turns evaluation off")
     p.add_argument("--strict", action="store_true", help="stop at the first invalid record instead of skipping it")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=positive_float, default=1.0)
     p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (QLoRA paper: 2e-4 for small models)")
-    p.add_argument("--warmup_ratio", type=float, default=0.03, help="fraction of steps with linear warmup")
+    p.add_argument("--lr", type=positive_float, default=2e-4,
+                   help="peak learning rate (QLoRA paper: 2e-4 for small models)")
+    p.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="cosine",
+                   help="learning-rate schedule after the warmup (cosine: decay to 0 at the last step)")
+    p.add_argument("--warmup_ratio", type=fraction, default=0.03, help="fraction of steps with linear warmup")
+    p.add_argument("--weight_decay", type=nonnegative_float, default=0.0,
+                   help="AdamW decoupled weight decay on the LoRA matrices (biases and norms excluded)")
+    p.add_argument("--max_grad_norm", type=nonnegative_float, default=1.0,
+                   help="clip the global gradient norm to this value; 0 turns clipping off")
     p.add_argument("--batch_size", type=positive_int, default=4, help="sequences per forward pass")
     p.add_argument("--grad_accum", type=positive_int, default=4, help="forward passes per optimizer step")
-    p.add_argument("--lora_r", type=positive_int, default=16)
-    p.add_argument("--lora_alpha", type=positive_int, default=32)
-    p.add_argument("--lora_dropout", type=float, default=0.05)
+    p.add_argument("--lora_r", type=positive_int, default=16, help="rank of the LoRA update B A")
+    p.add_argument("--lora_alpha", type=positive_int, default=32, help="LoRA scale: the update is (alpha / r) B A")
+    p.add_argument("--lora_dropout", type=fraction, default=0.05, help="dropout on the LoRA branch input")
+    p.add_argument("--target_modules", nargs="+", default=["all-linear"],
+                   help="layer names that get LoRA, e.g. q_proj v_proj; all-linear = every linear layer but lm_head")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="4bit", help="base weights: 4bit = QLoRA")
-    p.add_argument("--logging_steps", type=positive_int, default=10)
+    p.add_argument("--logging_steps", type=positive_int, default=10,
+                   help="log loss, learning rate and tokens/s every N steps")
+    p.add_argument("--report_to", choices=("none", "tensorboard"), default="none",
+                   help="tensorboard: also write event files under <output_dir>/runs (pip install tensorboard)")
     p.add_argument("--eval_steps", type=positive_int, default=200)
     p.add_argument("--save_steps", type=positive_int, default=200, help="checkpoint every N steps (for --resume)")
     p.add_argument("--save_total_limit", type=positive_int, default=2, help="keep only the newest N checkpoints")
@@ -79,6 +118,28 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def _float(text: str, ok, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not ok(value):  # nan fails every comparison, so it lands here too
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    return _float(text, lambda v: 0 < v < float("inf"), "a number > 0")
+
+
+def nonnegative_float(text: str) -> float:
+    return _float(text, lambda v: 0 <= v < float("inf"), "a number >= 0")
+
+
+def fraction(text: str) -> float:
+    return _float(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 def _val_size(text: str):
     try:
         return parse_val_size(text)
@@ -86,42 +147,17 @@ def _val_size(text: str):
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-# ---------------------------------------------------------------- output directory
+# ---------------------------------------------------------------- the trainer
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """Newest complete checkpoint-N: trainer_state.json is written last, so a save cut short has none."""
-    done = [d for d in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (d / "trainer_state.json").is_file()]
-    return max(done, key=lambda d: int(d.name.rsplit("-", 1)[1]), default=None)
-
-
-def check_output_dir(args) -> Path | None:
-    """Refuse to mix adapters of different base models in one directory (model_names.same_base decides what
-    counts as the same model); return the checkpoint to resume."""
-    out = Path(args.output_dir)
-    for cfg in [out / "adapter_config.json", *out.glob(f"{PREFIX_CHECKPOINT_DIR}-*/adapter_config.json")]:
-        if cfg.is_file():
-            try:
-                base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
-            except (ValueError, AttributeError) as e:  # bad JSON, or JSON that is not an object
-                raise UsageError(f"{cfg} is not a valid adapter config ({e}); choose another --output_dir") from e
-            if not same_base(base, args.model_name_or_path):
-                raise UsageError(f"{cfg} holds an adapter of base model {base!r}, not {args.model_name_or_path!r}; "
-                                 f"choose another --output_dir")
-    ckpt = latest_checkpoint(out) if out.is_dir() else None
-    if ckpt and not args.resume:
-        raise UsageError(f"{out} already holds checkpoints ({ckpt.name}); pass --resume to continue, "
-                         f"or choose another --output_dir")
-    if args.resume and ckpt is None:
-        print(f"--resume: no checkpoint in {out}, starting from scratch")
-    return ckpt
-
-
-# ---------------------------------------------------------------- training helpers
-
-class SFTTrainer(Trainer):
-    """HF Trainer that also counts real and padded tokens of the training batches it sees."""
+class TokenStatsTrainer(Trainer):
+    """HF Trainer that accounts per token: counts the real and padded tokens of the training batches, logs
+    tokens/s at every logging step, and reports the eval loss as the mean over all target tokens."""
 
     real_tokens = padded_tokens = 0
+
+    def train(self, *args, **kwargs):
+        self._since_log = (time.perf_counter(), self.real_tokens)
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:  # eval batches go through here too; count training only
@@ -129,6 +165,37 @@ class SFTTrainer(Trainer):
             self.padded_tokens += inputs["attention_mask"].numel()
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log line (eval and summary lines have other keys)
+            now, tokens = time.perf_counter(), self.real_tokens
+            then, tokens_then = self._since_log
+            logs["tokens_per_second"] = round((tokens - tokens_then) / max(now - then, 1e-9), 1)
+            self._since_log = (now, tokens)
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        # The Trainer averages the batches' mean losses (weighted by batch size), so a batch of short answers
+        # counts as much as one of long answers. The eval loss we report is sum(token losses) / n target tokens,
+        # the quantity the training loss estimates; prediction_step below accumulates both sums.
+        start, self._eval_sums = time.perf_counter(), [0.0, 0]
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        loss_sum, targets = self._eval_sums
+        output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / targets if targets else float("nan")
+        if hasattr(self, "_since_log"):  # evaluation time is not training time: keep it out of tokens/s
+            then, tokens = self._since_log
+            self._since_log = (then + time.perf_counter() - start, tokens)
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        targets = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())  # position t predicts labels[t + 1]
+        if loss is not None and targets:
+            self._eval_sums[0] += float(loss) * targets  # the batch's loss is its mean over these targets
+            self._eval_sums[1] += targets
+        return loss, logits, labels
 
 
 class StopOnCtrlC(TrainerCallback):
@@ -151,30 +218,39 @@ class StopOnCtrlC(TrainerCallback):
         return control
 
 
-def save_loss_curve(log_history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for points, label in ((train, "train"), (evals, "eval")):
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, label=label)
-    ax.set(xlabel="optimizer step", ylabel="loss (answer tokens)", title="QLoRA fine-tuning")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+# ---------------------------------------------------------------- the steps of a run
+
+def check_one_process_one_gpu() -> None:
+    """finetune.py is a single-process, single-GPU program: refuse torchrun, refuse several visible GPUs
+    (possible only when CUDA was initialised before pin_one_gpu ran, e.g. finetune imported as a module)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "0", "1"):
+        raise UsageError(f"finetune.py trains in one process; it was started by torchrun (WORLD_SIZE={world}); "
+                         f"{MULTI_GPU_HINT}")
+    if torch.cuda.is_available():
+        if (n := torch.cuda.device_count()) > 1:
+            raise UsageError(f"{n} GPUs are visible but finetune.py trains on one: set CUDA_VISIBLE_DEVICES=0, "
+                             f"or {MULTI_GPU_HINT}")
+        print(f"GPU: {torch.cuda.get_device_name(0)} (CUDA_VISIBLE_DEVICES="
+              f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); finetune.py uses one GPU, {MULTI_GPU_HINT}")
 
 
-# ---------------------------------------------------------------- main
+def run_args_dict(args) -> dict:
+    """The run's settings as recorded in run_args.json; data paths resolved, so --resume from another
+    working directory still compares the same files."""
+    return {**vars(args), "data_path": [str(Path(p).resolve()) for p in args.data_path]}
 
-def run(args) -> int:
-    set_seed(args.seed)  # python, numpy and torch RNGs: LoRA init, data split and shuffling are reproducible
-    resume_from = check_output_dir(args)  # before any heavy work, so a mistake costs seconds
 
-    # 1. Data: the model's own tokenizer and chat template, answer-only labels, train/val split.
+def prepare_output_dir(args) -> Path | None:
+    """Checks before any heavy work, so a mistake costs seconds; returns the checkpoint to resume from."""
+    resume_from = check_output_dir(args.output_dir, args.model_name_or_path, args.resume)
+    if resume_from:
+        check_resume_args(args.output_dir, run_args_dict(args), RESUME_KEYS)
+    return resume_from
+
+
+def load_data(args):
+    """The model's own tokenizer and chat template, answer-only labels, train/val split."""
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train_ds, val_ds, stats = load_sft_datasets(
         args.data_path, tokenizer, system=args.system, max_seq_len=args.max_seq_len, max_samples=args.max_samples,
@@ -182,19 +258,26 @@ def run(args) -> int:
     print(f"data: {stats['read']} records read, {stats['invalid']} invalid skipped, {stats['nooutput']} <nooutput> "
           f"dropped, {stats['truncated']} truncated to {args.max_seq_len} tokens, {stats['no_answer_left']} dropped "
           f"(no answer left) -> {stats['train']} train / {stats['val']} val")
+    return tokenizer, train_ds, val_ds, stats
 
-    # 2. Model: frozen base (4-bit NF4 for QLoRA) + trainable LoRA matrices on every linear layer but lm_head.
+
+def build_model(args):
+    """Frozen base (4-bit NF4 for QLoRA) + trainable LoRA matrices (fp32) on --target_modules."""
     model = load_model(args.model_name_or_path, args.quantization, args.trust_remote_code)
+    target = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
     model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                     target_modules="all-linear", gradient_checkpointing=True)
+                     target_modules=target, gradient_checkpointing=True)
     # The loss is computed chunk by chunk over the sequence, so the (B, T, 151936) fp32 logits are never
     # materialised: at 2048 tokens that alone is 1.16 GiB (phase2_lora/benchmark.py measures the saving).
     # Eval loss too, which is why the Trainer below is told it gets losses only, no logits.
     enable_chunked_loss(model, in_eval=True)
     trainable, total = trainable_parameters(model)
     print(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+    return model, trainable, total
 
-    # 3. Trainer settings. Everything not set here is a Trainer default (weight decay 0, grad clip 1.0).
+
+def build_trainer(args, model, tokenizer, train_ds, val_ds) -> TokenStatsTrainer:
+    """The HF Trainer with the 8 GB recipe. Anything not set here is a Trainer default."""
     cuda = torch.cuda.is_available()
     dtype = compute_dtype()
     training_args = TrainingArguments(
@@ -205,15 +288,20 @@ def run(args) -> int:
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,      # effective batch = batch_size * grad_accum sequences
         learning_rate=args.lr,
-        lr_scheduler_type="cosine",                       # decay to 0 over the run, after a linear warmup
+        lr_scheduler_type=args.lr_scheduler,
         warmup_steps=args.warmup_ratio,                   # a float < 1 is read as a fraction of all steps
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,                 # 0: no clipping
         # Paged 8-bit AdamW: Adam's two moments in 8 bits (4x smaller) and in CUDA unified memory, so
         # memory spikes page them to CPU RAM instead of crashing. bitsandbytes pages only on CUDA.
         optim="paged_adamw_8bit" if cuda else "adamw_torch",
-        bf16=cuda and dtype == torch.bfloat16,            # autocast the LoRA/non-quantised math like the base
+        # Autocast the LoRA/non-quantised math in the base's dtype. fp16 (GPUs before compute capability 8.0)
+        # also gets the Trainer's GradScaler, which needs the trainable weights in fp32 (add_lora sees to it).
+        bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         logging_steps=args.logging_steps,
         logging_first_step=True,
+        report_to=args.report_to,                         # tensorboard: event files in <output_dir>/runs/
         eval_strategy="steps" if val_ds is not None else "no",
         eval_steps=args.eval_steps,
         save_strategy="steps",
@@ -227,30 +315,37 @@ def run(args) -> int:
         seed=args.seed,
         dataloader_num_workers=0,                          # tokenised already: nothing to parallelise
         dataloader_pin_memory=cuda,
-        report_to="none",
         disable_tqdm=False,
     )
-    trainer = SFTTrainer(
+    return TokenStatsTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
         data_collator=SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if cuda else None),
-        callbacks=[ctrl_c := StopOnCtrlC()],
+        callbacks=[StopOnCtrlC()],
     )
 
-    # 4. Train. Resuming restores LoRA weights, optimizer, scheduler, RNG states and the data position.
+
+def train(args, trainer, resume_from: Path | None):
+    """Train (resuming restores LoRA weights, optimizer, scheduler, RNG states and the data position);
+    returns (TrainOutput, seconds), or None when Ctrl-C stopped the run after saving a checkpoint."""
+    write_run_args(args.output_dir, run_args_dict(args))  # at the start: --resume checks against it
     if resume_from:
         print(f"resuming from {resume_from}")
-    if cuda:
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    ctrl_c = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnCtrlC))
     if ctrl_c.requested:
         print(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {args.output_dir}. "
               f"Continue with the same command plus --resume")
-        return 130
+        return None
+    return train_out, seconds
 
-    # 5. Evaluate and report.
+
+def report(trainer, train_out, seconds: float, stats: dict, trainable: int, total: int) -> dict:
+    """Final evaluation and the metrics of the run, printed in one line and returned for metrics.json."""
     metrics = {
         "global_step": trainer.state.global_step,
         "train_loss": train_out.training_loss,
@@ -260,32 +355,56 @@ def run(args) -> int:
         "padding_fraction": 1 - trainer.real_tokens / max(trainer.padded_tokens, 1),
         "train_seconds": seconds,
         "data": stats,
-        "log_history": trainer.state.log_history,
+        "optimizer": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
     }
-    if val_ds is not None:
+    if trainer.eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    if cuda:
+    if torch.cuda.is_available():
         metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30        # tensors
         metrics["peak_gpu_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30       # + allocator cache
+    metrics["log_history"] = trainer.state.log_history
     print(f"train loss {metrics['train_loss']:.4f}"
           + (f" | eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
           + f" | {metrics['tokens_per_second']:.0f} tokens/s | padding {100 * metrics['padding_fraction']:.1f}%"
           + (f" | peak GPU memory {metrics['peak_gpu_memory_gb']:.2f} GB allocated, "
-             f"{metrics['peak_gpu_reserved_gb']:.2f} GB reserved" if cuda else ""))
+             f"{metrics['peak_gpu_reserved_gb']:.2f} GB reserved" if "peak_gpu_memory_gb" in metrics else ""))
+    return metrics
 
-    # 6. Save into a temp dir, then move file by file with os.replace: a crash never leaves a half-written file.
-    out = Path(args.output_dir)
+
+def save_outputs(output_dir, trainer, tokenizer, metrics: dict) -> None:
+    """Adapter, tokenizer, metrics.json and loss_curve.png, written into a temp dir and moved file by file
+    with os.replace, so a crash never leaves a half-written file that chat.py would try to load."""
+    out = Path(output_dir)
     tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():  # left over from a crash during a previous save
+        for f in tmp.iterdir():
+            f.unlink()
     trainer.model.save_pretrained(tmp)  # PeftModel: adapter_config.json + adapter_model.safetensors only
     tokenizer.save_pretrained(tmp)
-    (tmp / "run_args.json").write_text(json.dumps(vars(args), indent=2, ensure_ascii=False), encoding="utf-8")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-    save_loss_curve(trainer.state.log_history, tmp / "loss_curve.png")
+    save_loss_curve(trainer.state.log_history, tmp / "loss_curve.png", title="QLoRA fine-tuning")
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
     print(f"adapter, tokenizer, run_args.json, metrics.json and loss_curve.png -> {out}")
+
+
+# ---------------------------------------------------------------- main
+
+def run(args) -> int:
+    """The recipe: checks -> data -> model -> trainer -> train -> evaluate and report -> save."""
+    check_one_process_one_gpu()
+    set_seed(args.seed)  # python, numpy and torch RNGs: LoRA init, data split and shuffling are reproducible
+    resume_from = prepare_output_dir(args)
+    tokenizer, train_ds, val_ds, stats = load_data(args)
+    model, trainable, total = build_model(args)
+    trainer = build_trainer(args, model, tokenizer, train_ds, val_ds)
+    trained = train(args, trainer, resume_from)
+    if trained is None:  # Ctrl-C: checkpoint saved, nothing reported as finished
+        return 130
+    metrics = report(trainer, *trained, stats, trainable, total)
+    save_outputs(args.output_dir, trainer, tokenizer, metrics)
     return 0
 
 

@@ -21,12 +21,15 @@ class UsageError(Exception):
 
 
 def compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
-    """The dtype matmuls run in: bf16 on GPUs that have it (Ampere+, e.g. RTX 4060), fp16 on older
-    CUDA GPUs, fp32 on CPU (CPU half-precision matmuls are slow or missing)."""
+    """The dtype matmuls run in: bf16 on GPUs of compute capability >= 8.0 (Ampere and later, e.g. the
+    RTX 4060 at 8.9), fp16 on older CUDA GPUs (trained with a loss scaler), fp32 on CPU (CPU half-precision
+    matmuls are slow or missing). The capability decides, not torch.cuda.is_bf16_supported(): that also says
+    True on T4 / V100 / RTX 20xx, which only emulate bf16, several times slower than their fp16 tensor cores."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    major, _minor = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
 
 
 def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -151,9 +154,30 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_
             module.support_avx512bf16_for_cpu = False
     if gradient_checkpointing:
         model.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+    check_target_modules(model, target_modules)
     config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_modules, bias="none")
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for param in model.parameters():
+        # Trainable weights in fp32 whatever the base dtype: fp16 training unscales fp32 gradients only (the
+        # GradScaler refuses fp16 ones), and Adam updates of ~1e-4 relative size vanish in a 16-bit weight.
+        # peft already does this by default (autocast_adapter_dtype); this makes it a guarantee.
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
+def check_target_modules(model, target_modules) -> None:
+    """UsageError when a --target_modules name matches no linear layer of the model (peft would raise a
+    long ValueError deep inside get_peft_model); the message lists the names that exist."""
+    if target_modules == "all-linear" or isinstance(target_modules, str):
+        return
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"}
+    missing = [name for name in target_modules if name not in linear]
+    if missing:
+        raise UsageError(f"--target_modules {' '.join(missing)}: no such linear layer in the model; "
+                         f"choose from {' '.join(sorted(linear))}, or all-linear")
 
 
 def trainable_parameters(model) -> tuple[int, int]:

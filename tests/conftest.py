@@ -84,10 +84,15 @@ def trained_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     metrics.json, loss_curve.png and checkpoint-60/. Treat it as read-only: it is shared by all tests.
     """
     out = tmp_path_factory.mktemp("lora") / "tiny-persona-lora"
-    proc = run_script(
-        "phase2_lora/finetune.py", "--model_name_or_path", tiny_model_dir, "--data_path", PERSONA_PATH,
-        "--output_dir", out, "--quantization", "4bit", "--max_samples", TRAINED_N, "--val_size", 0,
-        "--max_steps", 60, "--batch_size", TRAINED_N, "--grad_accum", 1, "--lr", 1e-2, "--lora_dropout", 0,
-        "--logging_steps", 5, "--save_steps", 1000, timeout=600)
+    proc = run_script("phase2_lora/finetune.py", *trained_adapter_argv(tiny_model_dir, out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def trained_adapter_argv(model_dir: Path, output_dir: Path) -> list[str]:
+    """finetune.py's arguments for trained_adapter (tests that --resume a copy of it reuse them)."""
+    return [str(a) for a in (
+        "--model_name_or_path", model_dir, "--data_path", PERSONA_PATH, "--output_dir", output_dir,
+        "--quantization", "4bit", "--max_samples", TRAINED_N, "--val_size", 0, "--max_steps", 60,
+        "--batch_size", TRAINED_N, "--grad_accum", 1, "--lr", 1e-2, "--lora_dropout", 0, "--logging_steps", 5,
+        "--save_steps", 1000)]

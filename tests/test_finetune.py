@@ -11,7 +11,16 @@ import sys
 
 import pytest
 import torch
-from conftest import PERSONA_PATH, REPO, TRAINED_N, persona_records, run_script, user_turn, write_json
+from conftest import (
+    PERSONA_PATH,
+    REPO,
+    TRAINED_N,
+    persona_records,
+    run_script,
+    trained_adapter_argv,
+    user_turn,
+    write_json,
+)
 
 sys.path.insert(0, str(REPO / "phase2_lora"))
 import finetune  # noqa: E402
@@ -103,6 +112,29 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
         assert steps == ref_steps and len(steps) >= (8 if key == "loss" else 2)
         assert values == pytest.approx(ref_values, rel=1e-4), key
     assert again["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-4)
+
+
+def test_resume_refuses_changed_settings(trained_adapter, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained_adapter, out)  # run_args.json + checkpoint-60, as the fixture's run left them
+    before = snapshot(out)
+    argv = trained_adapter_argv(tiny_model_dir, out) + ["--resume", "--lr", "0.5", "--batch_size", "2",
+                                                        "--max_steps", "100"]
+    assert finetune.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --resume with settings that differ") and "--lr 0.01 -> 0.5" in line
+    assert "--batch_size 8 -> 2" in line and line.count(" -> ") == 2  # --max_steps may change
+    assert snapshot(out) == before
+
+
+def test_resume_may_train_longer(trained_adapter, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained_adapter, out)
+    proc = run_script(SCRIPT, *trained_adapter_argv(tiny_model_dir, out), "--resume", "--max_steps", 62)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoint-60'}" in proc.stdout
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 62
+    assert json.loads((out / "run_args.json").read_text())["max_steps"] == 62
 
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_model_dir, tmp_path):
