@@ -22,6 +22,7 @@ an A100 (a different, shorter recipe: the ratio is of wall-clock times, not of e
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -127,6 +128,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=100, help="timed training steps per pipeline")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, cuDNN autotune)")
+    p.add_argument("--repeats", type=int, default=3, help="times each pipeline, round-robin; the median counts")
     p.add_argument("--data_dir", default="data", help="uses data_dir/cifar-10-batches-py when it is there")
     p.add_argument("--synthetic", action="store_true", help="use in-memory synthetic images even if CIFAR-10 is there")
     p.add_argument("--num_images", type=int, default=50000, help="images to draw batches from (at most what exists)")
@@ -140,10 +142,10 @@ def parse_args() -> argparse.Namespace:
 
 def load_images(args):
     """(images, labels, source) from CIFAR-10 train when present (and not --synthetic), else synthetic."""
-    if min(args.batch_size, args.steps, args.num_images, args.width, args.textbook_workers) < 1 or \
+    if min(args.batch_size, args.steps, args.num_images, args.width, args.textbook_workers, args.repeats) < 1 or \
             min(args.warmup, args.num_workers) < 0:
-        raise BadInput("--batch_size, --steps, --num_images, --width and --textbook_workers must be at least 1, "
-                       "--warmup and --num_workers at least 0")
+        raise BadInput("--batch_size, --steps, --num_images, --width, --textbook_workers and --repeats must be at "
+                       "least 1, --warmup and --num_workers at least 0")
     if not args.synthetic and os.path.isdir(os.path.join(args.data_dir, CIFAR_FOLDER)):
         images, labels, _ = load_cifar10(args.data_dir, "train")
         source = f"CIFAR-10 train from {args.data_dir}"
@@ -171,7 +173,8 @@ def main() -> None:
         return time_recipe(images, labels, source, device)
     torch.manual_seed(0)
     model_state = build_model(args.model, args.width).state_dict()  # same start for every pipeline
-    print(f"{args.model}, batch {args.batch_size}, {steps} timed steps after {args.warmup} warm-up, "
+    print(f"{args.model}, batch {args.batch_size}, {steps} timed steps after {args.warmup} warm-up, median of "
+          f"{args.repeats} round-robin repeats, "
           f"{len(labels)} {source}, device {device}, torch threads {torch.get_num_threads()}")
 
     workers = args.textbook_workers
@@ -182,13 +185,18 @@ def main() -> None:
         f"ours, no DataLoader (uint8 tensors on {device.type}, indexed)": (sliced_batches, 0),
         "model only (one batch reused: the ceiling)": (same_batch, 0),
     }
-    rates, epoch_seconds = {}, {}
-    for name, (make_batches, num_workers) in pipelines.items():
-        batches = make_batches(images, labels, args.batch_size, num_workers, device)
-        rates[name] = steps * args.batch_size / time_training(batches, model_state, args, device, args.warmup, steps)
-        if device.type == "cuda":  # a whole epoch as well (fresh loader, workers included): GPU runs are short enough
+    # Round-robin over the pipelines, --repeats times, median per pipeline: a load that changes during the run (a
+    # shared machine) then hits every row alike instead of whichever happened to run at the time.
+    timings = {name: [] for name in pipelines}
+    for _ in range(args.repeats):
+        for name, (make_batches, num_workers) in pipelines.items():
             batches = make_batches(images, labels, args.batch_size, num_workers, device)
-            epoch_seconds[name] = time_training(batches, model_state, args, device, 0, len(labels) // args.batch_size)
+            timings[name].append(time_training(batches, model_state, args, device, args.warmup, steps))
+    rates = {name: steps * args.batch_size / statistics.median(t) for name, t in timings.items()}
+    epoch_seconds = {}
+    for name, (make_batches, num_workers) in pipelines.items() if device.type == "cuda" else ():
+        batches = make_batches(images, labels, args.batch_size, num_workers, device)  # a whole epoch, workers' start
+        epoch_seconds[name] = time_training(batches, model_state, args, device, 0, len(labels) // args.batch_size)
 
     baseline = next(iter(rates.values()))
     print(f"{'pipeline':70s} {'images/s':>10s}" + (f" {'s/epoch':>8s}" if epoch_seconds else "") + "  x textbook")

@@ -321,7 +321,7 @@ def test_benchmark_prints_every_pipeline_row():
     """The table's shape, not its numbers: a header, one row per pipeline with a positive rate and its ratio to the
     textbook default, the padding caveat."""
     proc = run_phase1("benchmark.py", "--synthetic", "--num_images", "512", "--batch_size", "64",
-                      "--steps", "3", "--warmup", "1", "--textbook_workers", "1")
+                      "--steps", "3", "--warmup", "1", "--textbook_workers", "1", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     header = next(i for i, ln in enumerate(lines) if ln.startswith("pipeline"))
