@@ -180,11 +180,12 @@ def make_loader(dataset: CifarDataset, batch_size: int, shuffle_gen: torch.Gener
 
 
 class DeviceBatches:
-    """The GPU path (airbench style): the whole uint8 set lives on the device (CIFAR-10 train: 138 MB) and a batch is
-    one index into it, so no step waits for a host->device copy or a worker. The textbook Dataset + DataLoader above
-    stays the CPU default, because there the data is in host memory already and that path is the one to learn from.
-    Same batches as make_loader: the epoch's order is the very randperm RandomSampler draws from shuffle_gen (which
-    the trainer reseeds every epoch), so either path trains the same run, and --resume works across them."""
+    """The GPU path (airbench style): the whole uint8 set lives on the device (CIFAR-10 train: 154 MB at most) and
+    a batch is one index into it: no step waits for a host->device copy or a worker. The textbook Dataset +
+    DataLoader above stays the CPU default: there the data is in host memory already, and that path is the one to
+    learn from. Same batches as make_loader: the epoch's order is the very randperm RandomSampler draws from
+    shuffle_gen (which the trainer reseeds every epoch), so either path trains the same run, and --resume works
+    across them."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  shuffle_gen: torch.Generator | None, device: torch.device):
