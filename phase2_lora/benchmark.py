@@ -1,13 +1,16 @@
-"""QLoRA memory and speed at the real Qwen1.5-1.8B size, against a textbook baseline, in one run.
+"""QLoRA memory and speed at the real Qwen1.5-1.8B size, against what a user gets by default, in one run.
 
 A randomly initialised model with Qwen1.5-1.8B's exact architecture is built from its config (no
 download), saved once, then loaded in 4-bit NF4 by finetune.py's own loader and wrapped with LoRA
 with finetune.py's defaults (r=16, alpha=32, dropout 0.05, all linear layers). Each recipe trains a
 few steps on random tokens at each (sequence length, batch) setting and reports peak memory, tokens/s
-and trainable parameters. Recipes are cumulative, so each technique shows up as a ratio:
+and trainable parameters. Every ratio is against `default`; the recipes after it are cumulative, so each
+technique shows up as a ratio:
 
-  baseline       textbook HF + peft QLoRA: eager attention, reentrant checkpointing, torch AdamW, full logits
-  +sdpa          PyTorch scaled_dot_product_attention (fused kernels, no (T, T) score matrix kept)
+  default        what a user gets by default: from_pretrained (default attention, SDPA),
+                 prepare_model_for_kbit_training + get_peft_model with their defaults (reentrant checkpointing,
+                 fp32 embeddings and lm_head), the HF Trainer's default optimizer, full logits
+  eager          extra row, not cumulative: default with eager attention (the textbook (T, T) softmax)
   +nonreentrant  non-reentrant checkpointing (qlora_model.add_lora, exactly as finetune.py)
   +paged8bit     paged 8-bit AdamW (bitsandbytes)
   +chunked       chunked_loss.py: the (B, T, 151936) fp32 logits are never materialised
@@ -18,6 +21,7 @@ and trainable parameters. Recipes are cumulative, so each technique shows up as 
     python phase2_lora/benchmark.py --simulate_gb 8       # cap this process at 8 GB, like an RTX 4060
     python phase2_lora/benchmark.py --tiny                # CPU smoke run of the same code on a tiny config
     python phase2_lora/benchmark.py --budget              # the analytic memory budget at 1.8B, no GPU needed
+    python phase2_lora/benchmark_one_step.py              # finetune.py's recipe at 1.8B measured on CPU vs budget
 
 Memory: on CUDA, torch.cuda.max_memory_allocated / max_memory_reserved over the steps of a setting.
 On CPU (no CUDA counters) benchmark_tools.py counts the bytes of live tensors: weights + everything the
@@ -39,17 +43,24 @@ from benchmark_tools import PeakMemory, tensor_bytes, write_atomic
 from chunked_loss import DEFAULT_CHUNK_SIZE, enable_chunked_loss
 from finetune import parse_args as finetune_args
 from lora_from_scratch import qwen_config
+from memory_budget import budget_table
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from qlora_model import add_lora, compute_dtype, load_model, trainable_parameters
 from tqdm import tqdm
+from transformers import TrainingArguments
 
 # Qwen's README, "Q-LoRA" row for Qwen-1.8B at batch 1: peak GB per sequence length. The anchor to beat.
 QWEN_PUBLISHED_GB = {256: 5.8, 512: 6.0, 1024: 6.6, 2048: 7.8}
-TECHNIQUES = {  # each recipe = the previous one + one technique
-    "baseline": {}, "+sdpa": {"attn": "sdpa"}, "+nonreentrant": {"reentrant": False},
-    "+paged8bit": {"optim": "paged_adamw_8bit"}, "+chunked": {"chunked": True}, "+bf16frozen": {"bf16_frozen": True},
+# The HF Trainer's default optimizer in the installed transformers (adamw_torch_fused with torch >= 2.8).
+TRAINER_DEFAULT_OPTIM = str(getattr(TrainingArguments.optim, "value", TrainingArguments.optim))
+BASELINE = "default"
+DEFAULT = {"attn": None, "reentrant": True, "optim": TRAINER_DEFAULT_OPTIM, "chunked": False, "bf16_frozen": False}
+TECHNIQUES = {  # each recipe = the previous one + one technique (attn None: from_pretrained's default, SDPA)
+    "default": {}, "+nonreentrant": {"reentrant": False}, "+paged8bit": {"optim": "paged_adamw_8bit"},
+    "+chunked": {"chunked": True}, "+bf16frozen": {"bf16_frozen": True},
 }
-BASELINE = {"attn": "eager", "reentrant": True, "optim": "adamw_torch", "chunked": False, "bf16_frozen": False}
+EXTRA = {"eager": {**DEFAULT, "attn": "eager"}}  # extra rows, each its own change to the default
+RECIPES = [BASELINE, *EXTRA, *list(TECHNIQUES)[1:]]  # table order
 # finetune.py's own defaults, read from its parser so the two never drift apart.
 FINETUNE = finetune_args([])
 LORA = {"r": FINETUNE.lora_r, "alpha": FINETUNE.lora_alpha, "dropout": FINETUNE.lora_dropout}
@@ -67,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"default 1 {DEFAULT_BATCH} (finetune.py's --batch_size); --tiny: 1 2")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per setting after 1 warm-up; tokens/s from the fastest (default 3; --tiny: 4)")
-    p.add_argument("--recipes", nargs="+", choices=list(TECHNIQUES), default=list(TECHNIQUES))
+    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=RECIPES)
     p.add_argument("--chunk_size", type=int, default=None,
                    help=f"rows per logits chunk (default {DEFAULT_CHUNK_SIZE}; --tiny: 32, so short sequences chunk)")
     p.add_argument("--simulate_gb", type=float, default=None, help="cap CUDA memory of this process at N GB")
@@ -102,12 +113,16 @@ def save_random_model(config, path: Path, device: torch.device) -> None:
 
 
 def build_recipe(model_dir: Path, flags: dict):
-    """4-bit NF4 base + LoRA, built as the recipe says. Non-reentrant recipes go through
-    qlora_model.add_lora, i.e. exactly finetune.py's code path."""
+    """4-bit NF4 base + LoRA, built as the recipe says. The default recipe calls peft exactly as its docs do;
+    non-reentrant recipes go through qlora_model.add_lora, i.e. exactly finetune.py's code path."""
     model = load_model(str(model_dir), quantization="4bit")  # finetune.py's loader: NF4, double quant
-    model.set_attn_implementation(flags["attn"])
-    if flags["reentrant"]:  # the textbook: prepare_model_for_kbit_training's historical default
-        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": True})
+    if flags["attn"]:  # None: keep from_pretrained's choice (SDPA)
+        model.set_attn_implementation(flags["attn"])
+    if flags["reentrant"]:
+        # The defaults: gradient checkpointing without kwargs, i.e. torch's checkpoint with use_reentrant unset,
+        # which torch 2.x still runs as reentrant (with a warning we silence: it is the default we measure).
+        warnings.filterwarnings("ignore", message=r".*use_reentrant parameter should be passed explicitly")
+        model = prepare_model_for_kbit_training(model)
         model.config.use_cache = False
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=LORA["r"], lora_alpha=LORA["alpha"],
                                                  lora_dropout=LORA["dropout"], target_modules="all-linear"))
@@ -128,7 +143,8 @@ def make_optimizer(model, name: str):
         # On CPU bnb cannot page and says so at every first step; falling back is fine for a smoke run.
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         return bnb.optim.PagedAdamW8bit(params, lr=2e-4)
-    return torch.optim.AdamW(params, lr=2e-4)
+    # The Trainer's adamw_torch(_fused): torch AdamW, fused kernel or not, weight decay 0 (its default)
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=name == "adamw_torch_fused")
 
 
 # ---------------------------------------------------------------- one setting
@@ -201,8 +217,9 @@ def markdown_table(rows: list[dict], cuda: bool) -> str:
     scale, unit = (1 / 1024, "GB") if cuda else (1, "MB")
     mem = f"peak allocated {unit}" if cuda else f"peak tensors {unit} (CPU count)"
     lines = [f"| recipe | seq | batch | {mem} | peak reserved {unit} | optimizer state MB | tokens/s "
-             f"| memory vs baseline | speed vs baseline | Qwen Q-LoRA GB (batch 1) |", "|" + "---|" * 10]
-    base = {(r["seq_len"], r["batch_size"]): r for r in rows if r["recipe"] == "baseline"}
+             f"| memory vs default | speed vs default | Qwen Q-LoRA GB (measured, Qwen-1 GPTQ, batch 1) |",
+             "|" + "---|" * 10]
+    base = {(r["seq_len"], r["batch_size"]): r for r in rows if r["recipe"] == BASELINE}
     for r in rows:
         b = base.get((r["seq_len"], r["batch_size"]), {})
         qwen = QWEN_PUBLISHED_GB.get(r["seq_len"]) if r["batch_size"] == 1 and cuda else None
@@ -226,43 +243,11 @@ def goal_lines(rows: list[dict], recipe: str) -> list[str]:
             out.append(f"{recipe} @ {seq} tokens, batch 1: {peak:.2f} GB peak reserved vs goal <= {limit} GB "
                        f"(Qwen's Q-LoRA: {QWEN_PUBLISHED_GB[seq]} GB) -> {'met' if peak <= limit else 'NOT met'}")
     speedups = [r["tokens_per_s"] / b["tokens_per_s"] for r in rows if r["recipe"] == recipe and r["tokens_per_s"]
-                for b in [get.get(("baseline", r["seq_len"], r["batch_size"]))] if b and b["tokens_per_s"]]
+                for b in [get.get((BASELINE, r["seq_len"], r["batch_size"]))] if b and b["tokens_per_s"]]
     if speedups:
-        out.append(f"{recipe} tokens/s vs baseline: {min(speedups):.2f}x to {max(speedups):.2f}x "
+        out.append(f"{recipe} tokens/s vs {BASELINE}: {min(speedups):.2f}x to {max(speedups):.2f}x "
                    f"(goal >= 1.5x) -> {'met' if min(speedups) >= 1.5 else 'NOT met'}")
     return out
-
-
-def memory_budget(config, seq_lens: list[int], batch_size: int, chunk_size: int) -> str:
-    """Analytic GiB per item for +paged8bit (full logits, fp32 vocab matrices) vs. finetune.py's recipe
-    (+chunked +bf16frozen), counted on the meta device. Not a measurement: it leaves out one layer's
-    recomputation workspace, autocast copies and allocator fragmentation, which the CUDA run includes."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    head = model.get_output_embeddings()
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
-    n_quant = sum(m.weight.numel() for m in linears)  # NF4: 0.5 B + 8-bit scale per 64 + fp32 per 64*256
-    n_embed = model.get_input_embeddings().weight.numel() + (0 if config.tie_word_embeddings else head.weight.numel())
-    n_other = sum(p.numel() for p in model.parameters()) - n_quant - n_embed  # norms, q/k/v biases: fp32
-    n_lora = sum(LORA["r"] * (m.in_features + m.out_features) for m in linears)
-    gib, unit = (2**30, "GiB") if n_embed * 4 > 2**30 else (2**20, "MiB")  # the tiny config reads better in MiB
-    fixed_full = (n_quant * (0.5 + 1 / 64 + 4 / (64 * 256)) + n_embed * 4 + n_other * 4 + n_lora * (8 + 2)) / gib
-    fixed_new = fixed_full - n_embed * 2 / gib  # frozen embeddings + lm_head in bf16 instead of fp32
-    lines = [f"Analytic budget, batch {batch_size} ({unit}; LoRA r={LORA['r']}: {n_lora:,} params):",
-             f"NF4 weights {n_quant * (0.5 + 1 / 64 + 4 / (64 * 256)) / gib:.2f} | embeddings+lm_head fp32 "
-             f"{n_embed * 4 / gib:.2f} (bf16 {n_embed * 2 / gib:.2f}) | LoRA fp32 weights+grads {n_lora * 8 / gib:.2f}"
-             f" + 8-bit Adam {n_lora * 2 / gib:.2f}",
-             "| seq | checkpointed layer inputs (fp32) | logits fp32 x3 (full) | logits x3 (chunked) "
-             "| total: +paged8bit | total: +chunked +bf16frozen (finetune.py) |", "|---|---|---|---|---|---|"]
-    for seq in seq_lens:
-        tokens = batch_size * seq
-        ckpt = config.num_hidden_layers * tokens * config.hidden_size * 4 / gib
-        full = 3 * tokens * config.vocab_size * 4 / gib  # logits, log-softmax output, its gradient
-        chunked = 3 * min(tokens, chunk_size) * config.vocab_size * 4 / gib
-        lines.append(f"| {seq} | {ckpt:.2f} | {full:.2f} | {chunked:.2f} | {fixed_full + ckpt + full:.2f} "
-                     f"| {fixed_new + ckpt + chunked:.2f} |")
-    return "\n".join(lines)
 
 
 def save_plot(rows: list[dict], path: Path, cuda: bool) -> None:
@@ -290,18 +275,27 @@ def save_plot(rows: list[dict], path: Path, cuda: bool) -> None:
 
 # ---------------------------------------------------------------- main
 
+def recipe_flags(name: str) -> dict:
+    """The full settings of a recipe: the default plus every technique up to `name` (or its extra change)."""
+    if name in EXTRA:
+        return dict(EXTRA[name])
+    flags = dict(DEFAULT)
+    for step, change in TECHNIQUES.items():  # cumulative: every recipe adds its technique to the previous ones
+        flags.update(change)
+        if step == name:
+            return flags
+    raise KeyError(name)
+
+
 def run_recipes(args, config, device: torch.device) -> list[dict]:
     """Every requested recipe x seq_len x batch_size; one model per recipe, loaded from a random checkpoint."""
     rows = []
-    recipes = [name for name in TECHNIQUES if name in args.recipes]
+    recipes = [name for name in RECIPES if name in args.recipes]
     with tempfile.TemporaryDirectory() as tmp:
         save_random_model(config, Path(tmp), device)
         bar = tqdm(total=len(recipes) * len(args.seq_lens) * len(args.batch_sizes), desc="benchmark")
-        flags = dict(BASELINE, chunk_size=args.chunk_size)
-        for name in TECHNIQUES:  # cumulative: every recipe adds its technique to all the previous ones
-            flags.update(TECHNIQUES[name])
-            if name not in recipes:
-                continue
+        for name in recipes:
+            flags = {**recipe_flags(name), "chunk_size": args.chunk_size}
             torch.manual_seed(args.seed)
             model = build_recipe(Path(tmp), flags)
             model.train()
@@ -325,7 +319,7 @@ def run_recipes(args, config, device: torch.device) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = qwen_config(**TINY) if args.tiny else qwen_config()
-    budget = memory_budget(config, args.seq_lens, 1, args.chunk_size)
+    budget = budget_table(config, args.seq_lens, 1, args.chunk_size, LORA["r"])
     if args.budget:
         print(budget)
         return 0
@@ -350,7 +344,7 @@ def main(argv=None) -> int:
     rows = run_recipes(args, config, device)
 
     table = markdown_table(rows, cuda)
-    goals = [line for name in args.recipes if name != "baseline" for line in goal_lines(rows, name)] if cuda else []
+    goals = [line for name in args.recipes if name != BASELINE for line in goal_lines(rows, name)] if cuda else []
     trainable = {r["recipe"]: r["trainable_params"] for r in rows}
     header = (f"QLoRA benchmark on {where}, {'tiny config' if args.tiny else 'Qwen1.5-1.8B architecture'}, "
               f"chunk {args.chunk_size}; trainable params: " + ", ".join(f"{k} {v:,}" for k, v in trainable.items()))

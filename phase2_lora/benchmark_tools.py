@@ -93,12 +93,12 @@ class PeakMemory:
         return False
 
 
-def _quant_state_tensors(state) -> list[torch.Tensor]:
+def quant_state_tensors(state) -> list[torch.Tensor]:
     """bitsandbytes keeps a 4-bit weight's block scales (absmax, its code book and, with double
     quantisation, a second level) on a QuantState next to the packed weight, outside parameters()."""
     if state is None:
         return []
-    return [v for v in vars(state).values() if isinstance(v, torch.Tensor)] + _quant_state_tensors(
+    return [v for v in vars(state).values() if isinstance(v, torch.Tensor)] + quant_state_tensors(
         getattr(state, "state2", None))
 
 
@@ -109,7 +109,7 @@ def tensor_bytes(*objects) -> int:
     for obj in objects:
         if isinstance(obj, torch.nn.Module):
             tensors = [*obj.parameters(), *obj.buffers()]
-            tensors += [t for p in obj.parameters() for t in _quant_state_tensors(getattr(p, "quant_state", None))]
+            tensors += [t for p in obj.parameters() for t in quant_state_tensors(getattr(p, "quant_state", None))]
         elif isinstance(obj, torch.optim.Optimizer):
             tensors = tree_flatten(list(obj.state.values()))[0]
         else:

@@ -132,13 +132,14 @@ def test_chunked_loss_under_the_hf_trainer_with_gradient_accumulation(tiny_model
 
 
 def test_tiny_benchmark_runs_every_code_path(tmp_path):
-    # The two ends of the cumulative recipe list: between them they take every code path (eager/sdpa, reentrant
-    # or not, torch/8-bit AdamW, full/chunked loss, fp32/compute-dtype embeddings).
-    proc = run_script("phase2_lora/benchmark.py", "--tiny", "--recipes", "baseline", "+bf16frozen",
+    # The default, the eager extra row and the end of the cumulative recipe list: between them they take every
+    # code path (eager/sdpa, reentrant or not, fused torch/8-bit AdamW, full/chunked loss, fp32/compute-dtype
+    # embeddings).
+    proc = run_script("phase2_lora/benchmark.py", "--tiny", "--recipes", "default", "eager", "+bf16frozen",
                       "--seq_lens", "64", "--batch_sizes", "2", "--steps", "1", "--output_dir", tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["recipe"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
-    assert list(rows) == ["baseline", "+bf16frozen"]
+    assert list(rows) == ["default", "eager", "+bf16frozen"]
     tiny = load_benchmark().TINY
     d, i, r = tiny["hidden_size"], tiny["intermediate_size"], 16   # LoRA r=16 on q,k,v,o (d x d) and the MLP
     expected = tiny["num_hidden_layers"] * (4 * r * (d + d) + 3 * r * (d + i))
@@ -147,7 +148,7 @@ def test_tiny_benchmark_runs_every_code_path(tmp_path):
         assert all(abs(loss - math.log(tiny["vocab_size"])) < 1.0 for loss in row["losses"])  # random model
         assert row["tokens_per_s"] > 0 and row["allocated_mib"] > 0
     # chunk 32 of 128 rows: the chunked recipe holds a quarter of the logits the baseline holds.
-    assert rows["+bf16frozen"]["allocated_mib"] < 0.7 * rows["baseline"]["allocated_mib"]
+    assert rows["+bf16frozen"]["allocated_mib"] < 0.7 * rows["default"]["allocated_mib"]
     table = (tmp_path / "results.md").read_text()
     assert all(f"| {name} | 64 | 2 |" in table for name in rows)
     assert (tmp_path / "memory.png").stat().st_size > 1000
@@ -159,8 +160,51 @@ def test_budget_and_cpu_guard(capsys):
     out = capsys.readouterr().out
     # 2 x 151936 x 2048 frozen embedding/lm_head weights: 2.32 GiB in fp32, 1.16 GiB in bf16; 14,991,360 LoRA params.
     assert "embeddings+lm_head fp32 2.32 (bf16 1.16)" in out and "14,991,360" in out
-    assert "| 2048 | 0.38 | 3.48 | 0.43 |" in out  # fp32 logits x3 at 2048 tokens vs one 256-row chunk
+    assert "| 2048 | 0.38 | 3.48 | 0.43 | 6.89 | 2.69 |" in out  # fp32 logits x3 at 2048 tokens vs one 256-row chunk
+    assert "A budget, not a measurement" in out and "CUDA context" in out and "fragmentation" in out
     if not torch.cuda.is_available():  # the 1.8B run needs a GPU: one clear line, exit 2
         assert benchmark.main([]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- benchmark_one_step.py: measured vs budget
+
+def test_one_step_benchmark_agrees_with_the_budget_on_the_tiny_config(tmp_path):
+    """The real-size CPU benchmark's code path on the tiny config: every static term counted from the tensors
+    equals the budget's (NF4 aside: fixed per-tensor code tables weigh a lot in a tiny model), and the profiler's
+    peak is within 15% of the budget's total."""
+    proc = run_script("phase2_lora/benchmark_one_step.py", "--tiny", "--seq_lens", 64, 128, "--output_dir", tmp_path,
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["seq_len"] for r in rows] == [64, 128]
+    table = (tmp_path / "results.md").read_text()
+    for term in ("embeddings + lm_head", "LoRA weights (fp32)", "LoRA gradients (fp32)", "Adam state"):
+        assert table.count(f"| {term} |") == 2 and all(line.endswith("| 1.00 |") for line in table.splitlines()
+                                                        if line.startswith(f"| {term} |"))
+    ratios = [float(line.rsplit("|", 2)[1]) for line in table.splitlines() if line.startswith("| total ")]
+    assert len(ratios) == 2 and all(0.85 <= r <= 1.15 for r in ratios), ratios
+    assert all(abs(loss - math.log(4800)) < 1.0 for r in rows for loss in r["losses"])  # a random model's loss
+
+
+def test_profiler_peak_equals_the_tensor_counter(tmp_path):
+    """Two independent counts of one training step's peak: the torch profiler's memory timeline
+    (benchmark_one_step.py) and benchmark_tools.PeakMemory's dispatch-level counter."""
+    spec = importlib.util.spec_from_file_location("one_step", REPO / "phase2_lora" / "benchmark_one_step.py")
+    one_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(one_step)
+    config = one_step.qwen_config(**one_step.TINY)
+    model = one_step.build_model(config, tmp_path, torch.device("cpu"), torch.bfloat16, chunk_size=32)
+    ids = torch.randint(0, config.vocab_size, (1, 96), generator=torch.Generator().manual_seed(0))  # (B, T)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    optimizer = one_step.make_optimizer(model, torch.device("cpu"))
+
+    def step():
+        one_step.train_step(model, optimizer, batch, torch.device("cpu"), torch.bfloat16)
+    step()  # creates the optimizer state and the gradient buffers
+    static = tensor_bytes(model, optimizer, [p.grad for p in model.parameters() if p.grad is not None])
+    with PeakMemory("cpu", baseline_bytes=static) as mem:
+        step()
+    profiled = one_step.profiled_peak(step)["peak"]
+    assert profiled == pytest.approx(mem.allocated, rel=0.05)
