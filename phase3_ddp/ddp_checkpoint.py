@@ -2,7 +2,7 @@
 
 A checkpoint is everything needed to continue as if nothing happened:
 
-    <output_dir>/checkpoint-000200/
+    <output_dir>/checkpoint-200/  (the HF Trainer's layout)
         adapter_model.safetensors   LoRA weights (identical on every rank: DDP keeps the replicas in sync)
         optimizer.pt                AdamW moments (with --zero: the shards of all ranks, consolidated on rank 0)
         scheduler.pt                learning-rate schedule position
@@ -22,44 +22,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from ddp_model import UsageError
-from peft import get_peft_model_state_dict
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from run_files import CHECKPOINT_PREFIX as PREFIX  # checkpoint-<step>: the HF Trainer's layout, as in phase 2
+from run_files import save_loss_curve
 from safetensors.torch import load_file, save_file
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm import tqdm
 
-PREFIX = "checkpoint-"
+BNB_NESTED_STATE = "__bnb_optimizer_quant_state__"  # bitsandbytes.optim.optimizer.Optimizer8bit
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first: only finished ones carry the `checkpoint-N` name."""
+    """Complete checkpoints, oldest first: only finished ones carry the `checkpoint-N` name (run_files.py's
+    latest_checkpoint() picks the newest the same way)."""
     done = [d for d in Path(output_dir).glob(PREFIX + "*") if d.is_dir() and d.name[len(PREFIX):].isdigit()]
     return sorted(done, key=lambda d: int(d.name[len(PREFIX):]))
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    return (checkpoints(output_dir) or [None])[-1]
-
-
-def same_model(a: str, b: str) -> bool:
-    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
-
-
-def check_output_dir(output_dir: str, model_name_or_path: str, resume: bool) -> Path | None:
-    """Refuse to mix adapters of different base models or to silently build on an old run's checkpoints;
-    return the checkpoint to resume from (None: start from scratch)."""
-    out = Path(output_dir)
-    for cfg in [out / "adapter_config.json", *out.glob(PREFIX + "*/adapter_config.json")]:
-        if cfg.is_file():
-            base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
-            if not same_model(base, model_name_or_path):
-                raise UsageError(f"{cfg} holds an adapter of base model {base!r}, not {model_name_or_path!r}; "
-                                 f"choose another --output_dir")
-    ckpt = latest_checkpoint(out) if out.is_dir() else None
-    if ckpt and not resume:
-        raise UsageError(f"{out} already holds checkpoints ({ckpt.name}); pass --resume to continue, "
-                         f"or choose another --output_dir")
-    return ckpt
 
 
 def rng_state() -> dict:
@@ -95,7 +72,7 @@ def save_checkpoint(peft_model, optimizer, scheduler, state: dict, output_dir, k
 def write_checkpoint(output_dir: Path, step: int, adapter: dict, adapter_config, optimizer: dict, scheduler: dict,
                      rng_states: list[dict], state: dict, keep: int = 2) -> Path:
     """Rank 0 only. Write into a temp dir, rename it into place, then drop all but the newest `keep`."""
-    final = Path(output_dir) / f"{PREFIX}{step:06d}"
+    final = Path(output_dir) / f"{PREFIX}{step}"
     tmp = Path(output_dir) / f".tmp-{final.name}"
     for stale in Path(output_dir).glob(".tmp-" + PREFIX + "*"):  # left over from a crash during a save
         shutil.rmtree(stale, ignore_errors=True)
@@ -124,35 +101,45 @@ def read_checkpoint(ckpt: Path) -> dict:
     }
 
 
-def save_loss_curve(log_history: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for points, label in ((train, "train"), (evals, "eval")):
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o" if len(points) < 30 else None, label=label)
-    ax.set(xlabel="optimizer step", ylabel="loss (answer tokens, global mean)", title="LoRA fine-tuning with DDP")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def restore_checkpoint(ckpt: Path | None, peft_model, optimizer, scheduler, log=print) -> dict | None:
+    """Collective. Rank 0 reads `ckpt` and broadcasts it (no shared disk needed); every rank loads the LoRA
+    weights, optimizer (ZeRO: its own shard of the full dict), scheduler and, if the world size is unchanged,
+    its own RNG state. Returns the trainer state (step, epoch, log_history, ...), or None without a checkpoint."""
+    payload = [read_checkpoint(ckpt) if dist.get_rank() == 0 and ckpt else None]
+    dist.broadcast_object_list(payload, src=0)
+    state = payload[0]
+    if state is None:
+        return None
+    set_peft_model_state_dict(peft_model, state.pop("adapter"))
+    optimizer_state = state.pop("optimizer")
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        # bitsandbytes' state_dict() nests its quantisation tensors under one key (to hide them from FSDP) and
+        # only its own load_state_dict() un-nests them; ZeroRedundancyOptimizer.load_state_dict() copies each
+        # parameter's state straight into the local optimizer, so un-nest them here (no-op for torch AdamW).
+        for param_state in optimizer_state["state"].values():
+            param_state.update(param_state.pop(BNB_NESTED_STATE, {}))
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = state.pop("rng")
+    if state["world_size"] == dist.get_world_size():
+        set_rng_state(rng[dist.get_rank()])
+    else:
+        log(f"resume: checkpoint has {state['world_size']} ranks, now {dist.get_world_size()}: "
+            "data order and dropout masks will differ from an uninterrupted run")
+    return state
 
 
-def save_final(peft_model, tokenizer, output_dir: Path, run_args: dict, metrics: dict) -> None:
-    """Rank 0 only: adapter + tokenizer + run_args.json + metrics.json + loss_curve.png, written into a temp dir
-    and moved file by file (each os.replace is atomic), so a crash never leaves a half-written file that chat.py
-    would try to load."""
+def save_final(peft_model, tokenizer, output_dir: Path, metrics: dict) -> None:
+    """Rank 0 only: adapter + tokenizer + metrics.json + loss_curve.png (run_args.json was written at the start),
+    written into a temp dir and moved file by file (each os.replace is atomic), so a crash never leaves a
+    half-written file that chat.py would try to load."""
     out = Path(output_dir)
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors (LoRA weights only)
     tokenizer.save_pretrained(tmp)
-    (tmp / "run_args.json").write_text(json.dumps(run_args, indent=2, ensure_ascii=False), encoding="utf-8")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-    save_loss_curve(metrics["log_history"], tmp / "loss_curve.png")
+    save_loss_curve(metrics["log_history"], tmp / "loss_curve.png", title="LoRA fine-tuning with DDP")
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()

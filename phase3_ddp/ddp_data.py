@@ -1,175 +1,80 @@
-"""Alpaca-format instruction data -> tokenised chat examples with answer-only labels.
+"""What DDP adds to the data of phase 2: who tokenises, and which rank reads which examples in which order.
 
-Same rules as phase2_lora/sft_data.py (copied on purpose: every phase folder stands alone):
-read + validate JSON / JSONL -> skip invalid records (counted; --strict makes them an error) and
-`<nooutput>` ones -> chat messages -> the tokenizer's own chat template -> labels = -100 except the
-answer and its end-of-turn token -> truncate -> seeded train/val split.
+The data itself (Alpaca/chat records -> chat template -> answer-only labels -> train/val split -> padding
+collator) is sft_data.py, a byte-identical copy of phase2_lora/sft_data.py. This module adds:
 
-Every rank runs this identically before the process group exists: same files, same seed, same
-result, so a bad input fails on every rank at once and no rank is left waiting at a collective.
-The examples are a plain list; the DistributedSampler decides which rank sees which index.
+- load_on_rank0_first: rank 0 tokenises (and fills the cache) while the other ranks wait; then they load too.
+- LengthGroupedDistributedSampler: length-grouped micro-batches (little padding, as the HF Trainer's
+  group_by_length in phase 2) that every rank derives from the same seeded order, so that each optimizer step
+  reads exactly the examples a single process with W times the batch would read.
 """
 
-import json
-import math
-from pathlib import Path
-
 import torch
-from ddp_model import UsageError
+import torch.distributed as dist
+from qlora_model import UsageError
+from torch.utils.data import Sampler
 
-IGNORE_INDEX = -100  # label value that F.cross_entropy skips
-NO_OUTPUT = "<nooutput>"  # Alpaca marks instructions it could not answer (e.g. "draw a picture") this way
 
-
-def read_json_records(path: str | Path) -> list:
-    """All records of one file: a JSON list, or JSONL (one object per line). Bad JSON names line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"data file not found: {path} (download it as described in data/README.md, "
-                         f"or pass another --data_path)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from e
-    if not text.strip():
-        raise UsageError(f"{path} is empty; expected a JSON list or JSONL of Alpaca records")
-    if text.lstrip()[0] == "[":
+def load_on_rank0_first(load):
+    """Call `load()` on rank 0, then on every other rank. Rank 0 builds the tokenisation cache; the others
+    wait for it at a collective and then read the cache instead of tokenising the same records W times.
+    A UsageError on rank 0 (missing file, bad JSON) is broadcast and raised on every rank, so no rank is
+    left waiting for a peer that has given up."""
+    result, error = None, [None]
+    if dist.get_rank() == 0:
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"bad JSON in {path} at line {e.lineno}, column {e.colno}: {e.msg}") from e
-        if not isinstance(records, list):
-            raise UsageError(f"{path} must hold a JSON list of records")
-        return records
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"bad JSON in {path} at line {lineno}, column {e.colno}: {e.msg}") from e
-    return records
+            result = load()
+        except UsageError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)  # the barrier: the others start once rank 0 is done
+    if error[0] is not None:
+        raise UsageError(error[0])
+    return result if dist.get_rank() == 0 else load()
 
 
-def record_problem(rec) -> str | None:
-    """Why an Alpaca record is unusable, or None. `input` is optional and may be empty."""
-    if not isinstance(rec, dict):
-        return f"expected an object, got {type(rec).__name__}"
-    for key in ("instruction", "output"):
-        if rec.get(key) is None:
-            return f"missing field {key!r}"
-    for key in ("instruction", "input", "output"):
-        if rec.get(key) is not None and not isinstance(rec[key], str):
-            return f"field {key!r} is {type(rec[key]).__name__}, expected a string"
-    for key in ("instruction", "output"):
-        if not rec[key].strip():
-            return f"empty field {key!r}"
-    return None
+class LengthGroupedDistributedSampler(Sampler[list[int]]):
+    """Batch sampler: this rank's micro-batches (lists of example indices) for one epoch.
 
+    Every rank computes the same global order, then takes its share of it:
+      1. a permutation of the examples seeded by seed + epoch (the same on every rank, new every epoch;
+         without set_epoch every epoch would repeat the first one's order);
+      2. cut into megabatches of up to 50 global micro-batches, each sorted by length, longest first, and
+         cut into global micro-batches of batch_size x W examples of similar length (little padding);
+      3. the global micro-batches shuffled (same generator), the one with the longest example moved first,
+         so that a sequence length that does not fit in memory fails on step 1, not hours into the run;
+      4. rank r takes examples r, r+W, r+2W, ... of each global micro-batch.
+    The order depends on W only through the global micro-batch, so 2 ranks x 2 sequences read the same
+    examples per step as 1 process x 4 sequences: the runs are identical (tests/test_ddp.py). Incomplete
+    global micro-batches are dropped, so every rank gets the same number of micro-batches.
+    """
 
-def load_records(paths, strict: bool = False, log=print) -> tuple[list[dict], dict]:
-    """Valid {instruction, input, output} records of all files in file order, plus counts."""
-    records, stats, shown = [], {"read": 0, "invalid": 0, "nooutput": 0}, 0
-    for path in paths:
-        for index, rec in enumerate(read_json_records(path)):
-            stats["read"] += 1
-            problem = record_problem(rec)
-            if problem:
-                if strict:
-                    raise UsageError(f"{path} record {index}: {problem} (drop --strict to skip such records)")
-                stats["invalid"] += 1
-                if shown < 5:  # a few examples, then only the count
-                    log(f"warning: skipping {path} record {index}: {problem}")
-                    shown += 1
-            elif rec["output"].strip() == NO_OUTPUT:
-                stats["nooutput"] += 1
-            else:
-                records.append({"instruction": rec["instruction"], "input": rec.get("input") or "",
-                                "output": rec["output"]})
-    return records, stats
+    def __init__(self, lengths: list[int], batch_size: int, num_replicas: int, rank: int, seed: int):
+        self.lengths, self.batch_size, self.num_replicas, self.rank = lengths, batch_size, num_replicas, rank
+        self.seed, self.epoch, self.skip = seed, 0, 0
+        self.global_batch = batch_size * num_replicas
 
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Use the order of `epoch`, starting after its first `skip` micro-batches (a resumed run)."""
+        self.epoch, self.skip = epoch, skip
 
-def build_messages(rec: dict, system: str | None = None) -> list[dict]:
-    """Alpaca record -> chat messages. Without a system message Qwen's template inserts its default one."""
-    user = rec["instruction"] + ("\n\n" + rec["input"] if rec["input"] else "")
-    messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+    def __len__(self) -> int:
+        return len(self.lengths) // self.global_batch - self.skip
 
+    def global_batches(self) -> list[list[int]]:
+        """The global micro-batches of the current epoch, in training order (steps 1-3 above)."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n_batches = len(self.lengths) // self.global_batch
+        order = torch.randperm(len(self.lengths), generator=g)[:n_batches * self.global_batch].tolist()
+        per_mega = max(1, min(50, n_batches // 4)) * self.global_batch  # >= 4 megabatches: groups change per epoch
+        batches = []
+        for start in range(0, len(order), per_mega):
+            mega = sorted(order[start:start + per_mega], key=lambda i: -self.lengths[i])
+            batches += [mega[i:i + self.global_batch] for i in range(0, len(mega), self.global_batch)]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+        batches[0], batches[longest] = batches[longest], batches[0]
+        return batches
 
-def tokenize_messages(messages: list[dict], tokenizer, max_seq_len: int) -> dict:
-    """Chat template -> {"input_ids", "labels"}: labels keep the answer and the end-of-turn token after it
-    (Qwen: `<|im_end|>`), all else IGNORE_INDEX. The answer span is found in characters (the prompt is the
-    template with add_generation_prompt) and mapped to tokens by offsets, never by pad id: with pad == eos
-    a pad-id mask would also hide the end-of-turn token and the model would never learn to stop."""
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise UsageError("the chat template renders the prompt differently with and without the answer")
-    eot = tokenizer.eos_token
-    eot_at = full.find(eot, len(prompt)) if eot else -1
-    answer_end = eot_at + len(eot) if eot_at >= 0 else len(full)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)  # the template has the specials
-    input_ids = list(enc["input_ids"])
-    labels = [tok if len(prompt) <= start < answer_end else IGNORE_INDEX
-              for tok, (start, _end) in zip(input_ids, enc["offset_mapping"], strict=True)]
-    if eot_at < 0 and tokenizer.eos_token_id is not None:  # template doesn't close the turn: teach stopping
-        input_ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    return {"input_ids": input_ids[:max_seq_len], "labels": labels[:max_seq_len],  # keep the start: the prompt
-            "truncated": len(input_ids) > max_seq_len}
-
-
-def parse_val_size(text: str) -> float | int:
-    """--val_size: a fraction in (0, 1) or a whole count >= 0 (0 = no evaluation)."""
-    value = float(text)
-    if 0 < value < 1:
-        return value
-    if value >= 0 and value == int(value):
-        return int(value)
-    raise ValueError(f"--val_size must be a fraction in (0, 1) or a whole count >= 0, got {text}")
-
-
-def load_sft_examples(paths, tokenizer, system: str | None = None, max_seq_len: int = 1024,
-                      max_samples: int | None = None, val_size: float | int = 0, strict: bool = False,
-                      seed: int = 42, log=print, progress=None) -> tuple[list[dict], list[dict], dict]:
-    """(train, val, stats): lists of {"input_ids", "labels"}. max_samples keeps the first N valid records."""
-    records, stats = load_records(paths, strict=strict, log=log)
-    records = records[:max_samples] if max_samples else records
-    examples = [tokenize_messages(build_messages(rec, system), tokenizer, max_seq_len)
-                for rec in (progress(records) if progress else records)]
-    stats["truncated"] = sum(ex.pop("truncated") for ex in examples)
-    kept = [ex for ex in examples if any(label != IGNORE_INDEX for label in ex["labels"])]
-    stats["no_answer_left"] = len(examples) - len(kept)  # the prompt alone filled --max_seq_len
-    if not kept:
-        raise UsageError(f"no usable training records in {', '.join(map(str, paths))}: {stats['read']} read, "
-                         f"{stats['invalid']} invalid, {stats['nooutput']} <nooutput>, {stats['no_answer_left']} "
-                         f"with no answer left after --max_seq_len {max_seq_len}")
-    n_val = max(1, math.floor(val_size * len(kept))) if isinstance(val_size, float) else val_size
-    if n_val >= len(kept):
-        raise UsageError(f"--val_size {val_size} leaves no training records out of {len(kept)}; use a smaller value")
-    # Seeded permutation: every rank computes the same split without talking to the others.
-    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed)).tolist()
-    val = [kept[i] for i in sorted(order[:n_val])]
-    train = [kept[i] for i in sorted(order[n_val:])]
-    stats.update(train=len(train), val=len(val))
-    return train, val, stats
-
-
-class PadCollator:
-    """Pads a list of examples to the longest one (dynamic padding): input_ids with pad_token_id, labels with
-    IGNORE_INDEX, attention_mask 0. Right padding: with a causal mask real tokens never see the pads."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        B, T = len(examples), max(len(ex["input_ids"]) for ex in examples)
-        batch = {"input_ids": torch.full((B, T), self.pad_token_id, dtype=torch.long),  # (B, T)
-                 "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long),          # (B, T)
-                 "attention_mask": torch.zeros((B, T), dtype=torch.long)}               # (B, T)
-        for row, ex in enumerate(examples):
-            n = len(ex["input_ids"])
-            batch["input_ids"][row, :n] = torch.tensor(ex["input_ids"])
-            batch["labels"][row, :n] = torch.tensor(ex["labels"])
-            batch["attention_mask"][row, :n] = 1
-        return batch
+    def __iter__(self):
+        for batch in self.global_batches()[self.skip:]:
+            yield batch[self.rank::self.num_replicas]

@@ -3,16 +3,20 @@
 Four training launches, shared by the tests through module fixtures:
   single   python finetune_ddp.py, 1 process, batch 4            } same global batch of 8 per step:
   ddp      torchrun 2 ranks, batch 2 per rank                    } adapters must match (dropout 0)
-  ddp_dropout   torchrun 2 ranks, lora_dropout 0.1               } a crash of rank 1 and a restart must
+  ddp_dropout   torchrun 2 ranks, lora_dropout 0.1, 8-bit AdamW  } a crash of rank 1 and a restart must
   crashed  the same + --zero + crash of rank 1 after step 5      } give the same adapter (RNG restored too)
+The crash is injected from here: a launcher script wraps ddp_train.train_step, so the training code carries no
+test-only flag.
 """
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,13 +26,30 @@ from safetensors.torch import load_file
 SCRIPT = "phase3_ddp/finetune_ddp.py"
 THREADS = {"OMP_NUM_THREADS": "1"}  # one thread per process: 2 ranks on 2 cores, no oversubscription
 STEPS, SAVE_STEPS, CRASH_AT = 6, 3, 5  # 4 steps per epoch: checkpoint at 3, crash at 5, resume crosses an epoch
+STEPS_PER_EPOCH = 4  # 36 training examples // (2 x 2 per micro-batch) // 2 micro-batches per step
+# Runs finetune_ddp.py with train_step wrapped: the last rank dies after step CRASH_AT of the first attempt.
+CRASH_LAUNCHER = f"""
+import os, sys
+sys.path.insert(0, {str(REPO / "phase3_ddp")!r})
+import ddp_train, finetune_ddp
+real_train_step, done = ddp_train.train_step, []
+def train_step(*args, **kwargs):
+    result = real_train_step(*args, **kwargs)
+    done.append(1)
+    if len(done) == {CRASH_AT} and ddp_train.RESTART_COUNT == 0 and finetune_ddp.RANK == finetune_ddp.WORLD_SIZE - 1:
+        print(f"rank {{finetune_ddp.RANK}}: injected crash after step {{len(done)}}", file=sys.stderr, flush=True)
+        os._exit(13)  # like a segfault or an OOM kill: no cleanup, no exception handling
+    return result
+ddp_train.train_step = train_step
+finetune_ddp.main()
+"""
 
 
-def torchrun(*args, nproc: int = 2, max_restarts: int = 0, timeout: float = 300,
-             env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(*args, nproc: int = 2, max_restarts: int = 0, timeout: float = 300, env: dict | None = None,
+             script=REPO / SCRIPT) -> subprocess.CompletedProcess:
     """`torchrun --standalone` (a free rendezvous port per launch) with the given script arguments."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={max_restarts}", str(REPO / SCRIPT), *map(str, args)]
+           f"--max-restarts={max_restarts}", str(script), *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **THREADS, **(env or {})})
 
@@ -51,7 +72,8 @@ def sft_json(tmp_path_factory):
 def train_flags(model, data, out, **overrides) -> list[str]:
     flags = {"model_name_or_path": model, "data_path": data, "output_dir": out, "max_steps": STEPS,
              "grad_accum": 2, "val_size": 4, "save_steps": SAVE_STEPS, "lr": 1e-3, "lora_dropout": 0,
-             "quantization": "4bit", "device": "cpu", **overrides}  # gloo on CPU, also on a GPU machine
+             "quantization": "4bit", "device": "cpu", "cache_dir": Path(data).parent / "cache",
+             **overrides}  # gloo on CPU, also on a GPU machine
     return [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
 
 
@@ -71,20 +93,23 @@ def single(tiny_model_dir, sft_json, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ddp(tiny_model_dir, sft_json, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "adapter"
-    return finished(torchrun(*train_flags(tiny_model_dir, sft_json, out, batch_size=2)), out)
+    return finished(torchrun(*train_flags(tiny_model_dir, sft_json, out, batch_size=2, report_to="tensorboard")), out)
 
 
 @pytest.fixture(scope="module")
 def ddp_dropout(tiny_model_dir, sft_json, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_dropout") / "adapter"
-    return finished(torchrun(*train_flags(tiny_model_dir, sft_json, out, batch_size=2, lora_dropout=0.1)), out)
+    flags = train_flags(tiny_model_dir, sft_json, out, batch_size=2, lora_dropout=0.1, optim="paged_adamw_8bit")
+    return finished(torchrun(*flags), out)
 
 
 @pytest.fixture(scope="module")
 def crashed(tiny_model_dir, sft_json, tmp_path_factory):
     out = tmp_path_factory.mktemp("crashed") / "adapter"
-    flags = train_flags(tiny_model_dir, sft_json, out, batch_size=2, lora_dropout=0.1, crash_at_step=CRASH_AT)
-    return finished(torchrun(*flags, "--zero", max_restarts=1), out)
+    launcher = out.parent / "crash_launcher.py"
+    launcher.write_text(CRASH_LAUNCHER, encoding="utf-8")
+    flags = train_flags(tiny_model_dir, sft_json, out, batch_size=2, lora_dropout=0.1, optim="paged_adamw_8bit")
+    return finished(torchrun(*flags, "--zero", max_restarts=1, script=launcher), out)
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -108,6 +133,14 @@ def test_two_ranks_match_one_process_with_twice_the_batch(single, ddp):
     assert ddp["metrics"]["eval_loss"] == pytest.approx(single["metrics"]["eval_loss"], rel=1e-5)
 
 
+def test_every_epoch_reads_a_new_order(ddp):
+    """Without the sampler's set_epoch every epoch would repeat the first one's batches, and both sides of the
+    other tests would repeat them alike. Target tokens per step differ between the examples of each step."""
+    tokens = [h["tokens"] for h in ddp["metrics"]["log_history"] if "loss" in h]
+    assert [h["epoch"] for h in ddp["metrics"]["log_history"] if "loss" in h] == [0] * STEPS_PER_EPOCH + [1, 1]
+    assert tokens[STEPS_PER_EPOCH:] != tokens[:2], tokens  # steps 5-6 (epoch 1) against steps 1-2 (epoch 0)
+
+
 def test_crashed_rank_is_restarted_and_resumes_to_the_same_adapter(ddp_dropout, crashed):
     log = crashed["log"]
     assert f"rank 1: injected crash after step {CRASH_AT}" in log
@@ -117,12 +150,37 @@ def test_crashed_rank_is_restarted_and_resumes_to_the_same_adapter(ddp_dropout, 
     assert max_abs_diff(crashed["adapter"], ddp_dropout["adapter"]) < 1e-6
     assert [h["loss"] for h in crashed["metrics"]["log_history"] if "loss" in h] == pytest.approx(
         [h["loss"] for h in ddp_dropout["metrics"]["log_history"] if "loss" in h], rel=1e-6)
-    assert sorted(p.name for p in crashed["dir"].glob("checkpoint-*")) == ["checkpoint-000003", "checkpoint-000006"]
+    assert sorted(p.name for p in crashed["dir"].glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     # ZeRO-1: each rank holds a shard of the optimizer state; together they are the full replica.
     full = ddp_dropout["metrics"]["optimizer_state_bytes_per_rank"]
     shards = crashed["metrics"]["optimizer_state_bytes_per_rank"]
     assert full[0] == full[1] > 0 and sum(shards) == full[0] and max(shards) < 0.75 * full[0]
     assert re.search(r"rank 1: optimizer state [\d.]+ MiB \(ZeRO-1 shard; [\d.]+ MiB without\)", log)
+
+
+def test_tensorboard_events_hold_the_logged_numbers(ddp):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(ddp["dir"] / "runs"))  # rank 0 alone writes them
+    events.Reload()
+    history = ddp["metrics"]["log_history"]
+    for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("eval/eval_loss", "eval_loss")):
+        assert [e.step for e in events.Scalars(tag)] == [h["step"] for h in history if key in h], tag
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx([h[key] for h in history if key in h])
+    assert len(events.Scalars("train/tokens_per_second")) == STEPS
+
+
+def test_resume_refuses_changed_settings(single, tiny_model_dir, sft_json):
+    """run_args.json is written at the start; --resume with other training settings names each changed flag.
+    Longer training (--max_steps) stays allowed. Nothing is written: the check runs before any work."""
+    before = sorted(p.name for p in single["dir"].iterdir())
+    flags = train_flags(tiny_model_dir, sft_json, single["dir"], batch_size=4, lr=5e-4, grad_accum=1, max_steps=9)
+    proc = run_script(SCRIPT, *flags, "--resume", env=THREADS, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert error_messages(proc.stderr) == [
+        f"error: --resume with settings that differ from the checkpoints' ({single['dir'] / 'run_args.json'}): "
+        "--lr 0.001 -> 0.0005; --grad_accum 2 -> 1. Resume with the old values, or choose another --output_dir"]
+    assert sorted(p.name for p in single["dir"].iterdir()) == before
 
 
 def test_adapter_loads_with_peft(ddp, tiny_model_dir):
@@ -153,27 +211,52 @@ def test_phase2_chat_loads_the_ddp_adapter(ddp):
     assert isinstance(json.loads(proc.stdout.strip().splitlines()[-1]), str)
 
 
+def error_messages(stderr: str) -> list[str]:
+    """The `error: ...` lines, without the `[rankN]: ` prefix each rank of a torchrun launch puts before its own."""
+    return [m[1] for m in re.finditer(r"^(?:\[rank\d+\]: )?(error: .*)$", stderr, re.M)]
+
+
 @pytest.mark.parametrize("case", ["missing_data", "more_processes_than_gpus", "bad_flag"])
 def test_bad_input_fails_fast_on_every_rank(case, tiny_model_dir, tmp_path):
     flags = train_flags(tiny_model_dir, tmp_path / "missing.json" if case == "missing_data" else "x.json",
                         tmp_path / "out")
     expected = {"missing_data": "error: data file not found",
                 "more_processes_than_gpus": "error: 2 process(es) on this machine but 0 CUDA GPU(s) visible",
-                "bad_flag": "error: --batch_size must be >= 1"}[case]
-    start = time.perf_counter()
-    if case == "bad_flag":
-        proc = run_script(SCRIPT, *flags, "--batch_size", "0", env=THREADS, timeout=120)
-        assert proc.returncode == 2
-    else:
-        gpuless = {"CUDA_VISIBLE_DEVICES": ""}  # 0 GPUs for 2 processes, whatever the machine has
-        extra, env = (["--device", "cuda"], gpuless) if case == "more_processes_than_gpus" else ([], None)
-        proc = torchrun(*flags, *extra, timeout=120, env=env)  # a rank stuck at a collective would hit this
-        assert proc.returncode != 0
-    assert time.perf_counter() - start < 120
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-3000:]  # rank 0 only, one line
-    assert 'finetune_ddp.py", line' not in proc.stderr  # no traceback through our code (torchrun prints its own)
-    assert not (tmp_path / "out").exists()
+                "bad_flag": "error: argument --batch_size: expected a whole number >= 1"}[case]
+    # torchrun kills the other ranks when one exits, so a line printed by rank 0 alone could be lost: every
+    # rank prints its own. The wrong launch is quick (it fails before the heavy imports), so it runs 10 times.
+    launches = 10 if case == "more_processes_than_gpus" else 1
+    for _ in range(launches):
+        start = time.perf_counter()
+        if case == "bad_flag":
+            proc = run_script(SCRIPT, *flags, "--batch_size", "0", env=THREADS, timeout=120)
+            assert proc.returncode == 2
+        else:
+            gpuless = {"CUDA_VISIBLE_DEVICES": ""}  # 0 GPUs for 2 processes, whatever the machine has
+            extra, env = (["--device", "cuda"], gpuless) if case == "more_processes_than_gpus" else ([], None)
+            proc = torchrun(*flags, *extra, timeout=120, env=env)  # a rank stuck at a collective would hit this
+            assert proc.returncode != 0
+        assert time.perf_counter() - start < 120
+        errors = error_messages(proc.stderr)
+        assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, proc.stderr[-3000:]  # one line per rank at most
+        assert errors[0].startswith(expected), proc.stderr[-3000:]
+        assert not re.search(r'phase3_ddp/\w+\.py", line', proc.stderr)  # no traceback through our code
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_one_nccl_rank_on_cuda(tiny_model_dir, sft_json, tmp_path):
+    """The CUDA path CPU cannot reach: NCCL, paged 8-bit AdamW, bf16 at compute capability >= 8.0 (else fp16 with a
+    GradScaler), the chunked loss with the frozen vocabulary matrices kept in that dtype."""
+    out = tmp_path / "adapter"
+    run = finished(torchrun(*train_flags(tiny_model_dir, sft_json, out, batch_size=4, device="cuda"), nproc=1), out)
+    metrics, dtype = run["metrics"], "bfloat16" if torch.cuda.get_device_capability(0)[0] >= 8 else "float16"
+    assert (metrics["backend"], metrics["optimizer"]) == ("nccl", "PagedAdamW8bit")
+    assert metrics["precision"] == metrics["vocab_dtype"] == dtype
+    assert 0 < metrics["peak_gpu_memory_gb_per_rank"][0] < 1  # a tiny model: no (B, T, V) logits anywhere
+    losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
+    assert len(losses) == STEPS and all(map(math.isfinite, losses)), losses
+    assert max(v.abs().max().item() for k, v in run["adapter"].items() if "lora_B" in k) > 1e-3  # it trained
 
 
 def test_benchmark_reports_scaling_efficiency(tiny_model_dir):
