@@ -42,7 +42,7 @@ import torch
 from benchmark_tools import PeakMemory, tensor_bytes, write_atomic
 from chunked_loss import DEFAULT_CHUNK_SIZE, enable_chunked_loss
 from finetune import parse_args as finetune_args
-from lora_from_scratch import qwen_config
+from lora_from_scratch import QWEN_TINY, qwen_config
 from memory_budget import budget_table
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from qlora_model import add_lora, compute_dtype, load_model, trainable_parameters
@@ -65,8 +65,7 @@ RECIPES = [BASELINE, *EXTRA, *list(TECHNIQUES)[1:]]  # table order
 FINETUNE = finetune_args([])
 LORA = {"r": FINETUNE.lora_r, "alpha": FINETUNE.lora_alpha, "dropout": FINETUNE.lora_dropout}
 DEFAULT_BATCH = FINETUNE.batch_size
-TINY = dict(vocab_size=4800, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=1024)  # vocab/hidden = 75, like Qwen's 151936/2048
+TINY = QWEN_TINY  # --tiny
 
 
 def parse_args(argv=None) -> argparse.Namespace:

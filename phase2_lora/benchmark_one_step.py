@@ -32,12 +32,11 @@ from pathlib import Path
 import torch
 from benchmark_tools import quant_state_tensors, tensor_bytes, write_atomic
 from chunked_loss import DEFAULT_CHUNK_SIZE, enable_chunked_loss
-from lora_from_scratch import qwen_config
+from lora_from_scratch import QWEN_TINY, qwen_config
 from memory_budget import GIB, budget_terms, parameter_counts
 from qlora_model import add_lora, compute_dtype, load_model
 
-TINY = dict(vocab_size=4800, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=1024)  # as benchmark.py --tiny
+TINY = QWEN_TINY  # --tiny
 LORA_R = 16  # finetune.py's default --lora_r (alpha 32, dropout 0.05)
 STATIC = ("NF4 base weights", "embeddings + lm_head", "norms and biases (fp32)", "LoRA weights (fp32)",
           "LoRA gradients (fp32)", "Adam state")

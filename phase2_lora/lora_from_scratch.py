@@ -21,6 +21,10 @@ import torch.nn.functional as F
 QWEN15_18B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=32768,
                   rope_theta=1_000_000.0, tie_word_embeddings=False)
+# A tiny config of the same architecture for CPU smoke runs (the benchmarks' --tiny): vocab / hidden = 75,
+# the ratio of Qwen's 151936 / 2048, so the vocabulary terms weigh what they weigh at full size.
+QWEN_TINY = dict(vocab_size=4800, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=1024)
 
 
 class LoRALinear(nn.Module):
