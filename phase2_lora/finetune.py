@@ -52,7 +52,7 @@ from qlora_model import (
     trainable_parameters,
 )
 from run_files import check_output_dir, check_resume_args, save_loss_curve, write_run_args
-from sft_data import SFTCollator, load_sft_datasets, parse_val_size
+from sft_data import DEFAULT_CACHE_DIR, SFTCollator, describe, load_sft_datasets, parse_val_size, real_tokens
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 # peft 0.21 still calls transformers' old gradient-checkpointing names; the warning is not actionable here.
@@ -61,7 +61,8 @@ warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprec
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
 # Flags that define what the saved checkpoints are (data, model shape, optimisation): --resume refuses to
 # change them. How long to train (--max_steps, --epochs), logging and saving may change.
-RESUME_KEYS = ("data_path", "max_samples", "val_size", "system", "max_seq_len", "seed", "quantization",
+RESUME_KEYS = ("data_path", "max_samples", "val_size", "system", "max_seq_len", "train_on_prompt", "packing",
+               "seed", "quantization",
                "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "lr_scheduler", "warmup_ratio",
                "weight_decay", "max_grad_norm", "batch_size", "grad_accum")
 
@@ -72,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model_name_or_path", default="Qwen/Qwen1.5-1.8B-Chat",
                    help="hub id or local directory of a causal LM with a chat template (Qwen2 architecture tested)")
     p.add_argument("--data_path", nargs="+", default=["data/alpaca_data_cleaned.json"],
-                   help="Alpaca JSON list or JSONL files (instruction, optional input, output); several are mixed")
+                   help="JSON list or JSONL files, format detected per file: Alpaca (instruction, input, output, "
+                        "optional history), OpenAI messages or ShareGPT conversations; several are mixed")
     p.add_argument("--output_dir", default="checkpoints/qwen1.5-1.8b-lora")
     p.add_argument("--system", default=None, help="system prompt for every example (default: the template's own)")
     p.add_argument("--max_seq_len", type=positive_int, default=512, help="longer examples are truncated (and counted)")
@@ -80,6 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val_size", type=_val_size, default=0.02,
                    help="held-out records: a fraction in (0, 1) or a count; 0 turns evaluation off")
     p.add_argument("--strict", action="store_true", help="stop at the first invalid record instead of skipping it")
+    p.add_argument("--train_on_prompt", action="store_true",
+                   help="supervise every token, prompts included (default: assistant answers only)")
+    p.add_argument("--packing", action="store_true",
+                   help="fill rows of --max_seq_len with several examples (attention stays within each example)")
+    p.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR,
+                   help="tokenised data is cached here, keyed by data, tokenizer, template and options")
+    p.add_argument("--no_cache", action="store_true", help="tokenise from scratch and write no cache")
+    p.add_argument("--overwrite_cache", action="store_true", help="tokenise again and replace the cached copy")
     p.add_argument("--epochs", type=positive_float, default=1.0)
     p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--lr", type=positive_float, default=2e-4,
@@ -161,8 +171,8 @@ class TokenStatsTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:  # eval batches go through here too; count training only
-            self.real_tokens += int(inputs["attention_mask"].sum())
-            self.padded_tokens += inputs["attention_mask"].numel()
+            self.real_tokens += real_tokens(inputs)  # plain batches: the attention mask; packed: position ids
+            self.padded_tokens += inputs["input_ids"].numel()
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
@@ -250,14 +260,15 @@ def prepare_output_dir(args) -> Path | None:
 
 
 def load_data(args):
-    """The model's own tokenizer and chat template, answer-only labels, train/val split."""
+    """The model's own tokenizer and chat template, assistant-only labels (tokenised once: later runs and --resume
+    load the cache), train/val split, packing."""
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train_ds, val_ds, stats = load_sft_datasets(
         args.data_path, tokenizer, system=args.system, max_seq_len=args.max_seq_len, max_samples=args.max_samples,
-        val_size=args.val_size, strict=args.strict, seed=args.seed)
-    print(f"data: {stats['read']} records read, {stats['invalid']} invalid skipped, {stats['nooutput']} <nooutput> "
-          f"dropped, {stats['truncated']} truncated to {args.max_seq_len} tokens, {stats['no_answer_left']} dropped "
-          f"(no answer left) -> {stats['train']} train / {stats['val']} val")
+        val_size=args.val_size, strict=args.strict, seed=args.seed, train_on_prompt=args.train_on_prompt,
+        cache_dir=None if args.no_cache else args.cache_dir, overwrite_cache=args.overwrite_cache,
+        packing=args.packing)
+    print(describe(stats, args.max_seq_len))
     return tokenizer, train_ds, val_ds, stats
 
 

@@ -34,7 +34,7 @@ def adapter(tiny_model_dir, tmp_path_factory):
     proc = run_script("phase2_lora/finetune.py", "--model_name_or_path", tiny_model_dir, "--data_path", *DATA,
                       "--output_dir", out, "--quantization", "4bit", "--val_size", 0, "--max_steps", 50,
                       "--batch_size", 6, "--grad_accum", 1, "--lr", 2e-2, "--lora_dropout", 0,
-                      "--logging_steps", 10, "--save_steps", 1000, timeout=600)
+                      "--logging_steps", 10, "--save_steps", 1000, "--cache_dir", out.parent / "cache", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "6 records read, 0 invalid" in proc.stdout
     return out
