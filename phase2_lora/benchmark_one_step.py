@@ -15,7 +15,9 @@ size it has on an RTX 4060.
 
 Memory: on CPU, the torch profiler's memory timeline (profile_memory=True) of the second step (the first one
 creates the optimizer state): peak bytes of live tensors, split by the profiler's categories; on CUDA,
-torch.cuda.max_memory_allocated / max_memory_reserved. Time: wall time of the first step, outside the profiler.
+torch.cuda.max_memory_allocated / max_memory_reserved. `--meter counter` counts the same bytes on CPU with
+benchmark_tools.PeakMemory (tests/test_qlora_benchmark.py checks the two agree) without the profiler's records,
+which take several GB of RAM at 1.8B. Time: wall time of the first step, outside any meter.
 Each static term (weights, gradients, optimizer state) is also counted from the tensors themselves and set beside
 the budget (memory_budget.py); the rest of the peak is set beside the budget's activations and logits.
 """
@@ -30,7 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from benchmark_tools import quant_state_tensors, tensor_bytes, write_atomic
+from benchmark_tools import PeakMemory, quant_state_tensors, tensor_bytes, write_atomic
 from chunked_loss import DEFAULT_CHUNK_SIZE, enable_chunked_loss
 from lora_from_scratch import QWEN_TINY, qwen_config
 from memory_budget import GIB, budget_terms, parameter_counts
@@ -49,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq_lens", type=int, nargs="+", default=[256, 512], help="tokens per step, batch 1")
     p.add_argument("--chunk_size", type=int, default=None,
                    help=f"rows per logits chunk (default {DEFAULT_CHUNK_SIZE}, finetune.py's; --tiny: 32)")
+    p.add_argument("--meter", choices=("profiler", "counter"), default="profiler",
+                   help="CPU memory: the torch profiler's memory timeline (by category; its records take several GB "
+                        "of RAM at 1.8B), or benchmark_tools.PeakMemory's tensor counter (same bytes, little RAM)")
     p.add_argument("--output_dir", type=Path, default=Path("checkpoints/qlora_one_step"),
                    help="results.json and results.md")
     args = p.parse_args(argv)
@@ -127,7 +132,14 @@ def static_terms(model, optimizer) -> dict[str, int]:
             "Adam state": tensor_bytes(optimizer)}
 
 
-def measure(model, config, seq_len: int, device: torch.device, dtype: torch.dtype) -> dict:
+def counted_peak(step, static_bytes: int) -> dict:
+    """Run step() under benchmark_tools.PeakMemory: the tensors that exist before plus the peak of those it creates."""
+    with PeakMemory("cpu", baseline_bytes=static_bytes) as mem:
+        step()
+    return {"peak": mem.allocated}
+
+
+def measure(model, config, seq_len: int, device: torch.device, dtype: torch.dtype, meter: str = "profiler") -> dict:
     """Step 1 (timed; creates the optimizer state), then step 2 with memory measured."""
     gen = torch.Generator().manual_seed(seq_len)
     ids = torch.randint(0, config.vocab_size, (1, seq_len), generator=gen).to(device)  # (B=1, T)
@@ -147,8 +159,11 @@ def measure(model, config, seq_len: int, device: torch.device, dtype: torch.dtyp
         # Paged 8-bit Adam state lives in CUDA unified memory, outside torch.cuda's counters: added to the peak.
         row.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved(),
                    peak=torch.cuda.max_memory_allocated() + tensor_bytes(optimizer))
-    else:
+    elif meter == "profiler":
         row.update(profiled_peak(lambda: losses.append(train_step(model, optimizer, batch, device, dtype))))
+    else:
+        static = tensor_bytes(model, optimizer, [p.grad for p in model.parameters() if p.grad is not None])
+        row.update(counted_peak(lambda: losses.append(train_step(model, optimizer, batch, device, dtype)), static))
     row.update(losses=losses, static=static_terms(model, optimizer))
     model.zero_grad(set_to_none=True)
     gc.collect()
@@ -175,7 +190,8 @@ def report(rows: list[dict], config, args, device: torch.device) -> str:
     scale, unit = (GIB, "GiB") if not args.tiny else (2**20, "MiB")
     out = [f"finetune.py's recipe, one optimizer step, batch 1, {'tiny config' if args.tiny else 'Qwen1.5-1.8B'} "
            f"(random weights) on {where}; memory: "
-           + ("torch.cuda.max_memory_allocated" if cuda else "torch profiler memory timeline, peak of live tensors")]
+           + ("torch.cuda.max_memory_allocated" if cuda else "peak of live tensors, " + (
+               "torch profiler memory timeline" if args.meter == "profiler" else "benchmark_tools.PeakMemory"))]
     for row in rows:
         budget = budget_terms(counts, config, row["seq_len"], args.chunk_size, adam_bytes=2 if cuda else 8)
         out += [f"\nseq {row['seq_len']}: step {row['step_seconds']:.1f} s, loss {row['losses'][0]:.3f}"
@@ -209,7 +225,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(config, Path(tmp), device, dtype, args.chunk_size)
     print(f"model built, quantised and wrapped in {time.perf_counter() - start:.0f} s")
-    rows = [measure(model, config, seq_len, device, dtype) for seq_len in args.seq_lens]
+    rows = [measure(model, config, seq_len, device, dtype, args.meter) for seq_len in args.seq_lens]
     text = report(rows, config, args, device)
     print(text)
     write_atomic(args.output_dir / "results.json", lambda p: p.write_text(json.dumps(rows, indent=2)))
