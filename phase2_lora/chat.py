@@ -5,7 +5,7 @@ answers, a before/after comparison, and merging the adapter into a standalone mo
     python phase2_lora/chat.py --adapter DIR --greedy --prompt "你是谁？" --prompt "..."   # scripted
     printf '你好\\n我刚才说了什么？\\n' | python phase2_lora/chat.py --adapter DIR          # piped turns
     python phase2_lora/chat.py --adapter DIR --compare --prompt "你是谁？"                 # before/after
-    python phase2_lora/chat.py --adapter DIR --merge_to checkpoints/qwen1.5-1.8b-merged
+    python phase2_lora/chat.py --adapter DIR --merge_to checkpoints/qwen1.5-1.8b-merged [--merge_from nf4]
 
 stdout carries only answers; logs and errors go to stderr.
   interactive (stdin is a terminal): answers stream token by token; /reset, /system TEXT, /exit;
@@ -27,32 +27,29 @@ from pathlib import Path
 from model_names import same_base
 
 QUANTIZATIONS = ("4bit", "8bit", "none")  # qlora_model.QUANTIZATIONS, not imported: it would pull in torch
+MERGE_FROM = ("original", "nf4")
 COMMANDS = "/reset (clear the history), /system TEXT (set the system prompt; /system alone removes it), /exit"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that choose and load the model: shared by chat.py and serve.py."""
     p.add_argument("--adapter", type=Path, default=None,
                    help="LoRA adapter dir written by finetune.py; omit it to chat with the base model alone")
     p.add_argument("--model_name_or_path", default=None,
-                   help="base model (hub id or local dir); default: base_model_name_or_path of the adapter's "
-                        "adapter_config.json")
+                   help="base model (hub id or local dir; a dir written by --merge_to needs no --adapter); "
+                        "default: base_model_name_or_path of the adapter's adapter_config.json")
     p.add_argument("--ignore_base_mismatch", action="store_true",
                    help="use --model_name_or_path even if the adapter records another base (e.g. a renamed copy)")
     p.add_argument("--quantization", choices=["auto", *QUANTIZATIONS], default="auto",
                    help="base weights. auto: what the adapter was trained with (its run_args.json), else 4bit "
                         "(NF4) on a GPU and none (fp32) on CPU, where 4bit works but is slower")
     p.add_argument("--trust_remote_code", action="store_true", help="run modelling code shipped with the model")
-    p.add_argument("--max_context", type=int, default=None,
-                   help="context window in tokens (default: the model's max_position_embeddings); lower it to "
-                        "bound KV-cache memory on small GPUs")
+    p.add_argument("--max_context", type=int, default=4096,
+                   help="context window in tokens, capped at the model's max_position_embeddings (default: "
+                        "%(default)s). Qwen1.5-1.8B's fp16 KV cache takes 192 KiB per token: 0.75 GiB at 4,096 "
+                        "tokens fits beside the 4-bit model on an 8 GB card, the model's full 32,768 (6 GiB) does not")
     p.add_argument("--system", default=None,
                    help="system prompt (default: the one the adapter was trained with, else the chat template's own)")
-    p.add_argument("--prompt", action="append", default=[], help="ask this and exit; repeatable")
-    p.add_argument("--compare", action="store_true", help="answer each prompt with and without the adapter")
-    p.add_argument("--merge_to", type=Path, default=None,
-                   help="merge the adapter into an unquantized copy of the base, save it to this new dir, exit")
     p.add_argument("--verbose", action="store_true",
                    help="log each rendered prompt (template + kept history) and tokens/s to stderr")
     g = p.add_argument_group("generation")
@@ -63,7 +60,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--repetition_penalty", type=float, default=None,
                    help="default 1.05 when sampling, 1.0 (none) with --greedy")
     g.add_argument("--greedy", action="store_true", help="argmax decoding (deterministic); ignores temperature/top_p/k")
-    g.add_argument("--seed", type=int, default=0, help="each answer is sampled from this seed (default: %(default)s)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)
+    p.add_argument("--prompt", action="append", default=[], help="ask this and exit; repeatable")
+    p.add_argument("--compare", action="store_true", help="answer each prompt with and without the adapter")
+    p.add_argument("--merge_to", type=Path, default=None,
+                   help="merge the adapter into the base, save the standalone model (in the base's own dtype, "
+                        "tokenizer padding left for batched generation) to this new dir, exit")
+    p.add_argument("--merge_from", choices=MERGE_FROM, default="original",
+                   help="weights --merge_to adds the LoRA update to. original (default): the base's own (bf16 for "
+                        "Qwen1.5). nf4: the de-quantised NF4 weights a 4-bit (QLoRA) adapter was trained against, "
+                        "so the merged model answers exactly like 4-bit base + adapter")
+    p.add_argument("--seed", type=int, default=0, help="each answer is sampled from this seed (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -132,9 +144,21 @@ def resolve_base(args) -> str:
     return args.model_name_or_path
 
 
+def check_model_args(args) -> str:
+    """Validate the model and generation flags (chat.py and serve.py) before torch/transformers/peft load.
+    Returns the base model."""
+    base = resolve_base(args)
+    for name in ("max_new_tokens", "max_context", "top_k"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            die(f"--{name} must be >= 1")
+    if not args.greedy and (not args.temperature > 0 or not 0 < args.top_p <= 1):
+        die("need --temperature > 0 and 0 < --top_p <= 1 (for deterministic answers use --greedy)")
+    return base
+
+
 def check_args(args) -> str:
     """Validate flags and paths (milliseconds) before torch/transformers/peft load (seconds). Returns the base."""
-    base = resolve_base(args)
+    base = check_model_args(args)
     if (args.compare or args.merge_to) and args.adapter is None:
         die(f"--{'compare' if args.compare else 'merge_to'} needs --adapter")
     if args.merge_to is not None:
@@ -142,11 +166,9 @@ def check_args(args) -> str:
             die("--merge_to only merges; chat with the result via --model_name_or_path DIR afterwards")
         if args.merge_to.exists() and (not args.merge_to.is_dir() or any(args.merge_to.iterdir())):
             die(f"--merge_to {args.merge_to} already exists and is not empty; remove it or pick a new dir")
-    for name in ("max_new_tokens", "max_context", "top_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            die(f"--{name} must be >= 1")
-    if not args.greedy and (not args.temperature > 0 or not 0 < args.top_p <= 1):
-        die("need --temperature > 0 and 0 < --top_p <= 1 (for deterministic answers use --greedy)")
+        if args.merge_from == "nf4" and args.trained_quantization not in (None, "4bit"):
+            die(f"--merge_from nf4 recreates 4-bit training weights, but {args.adapter} was trained with "
+                f"--quantization {args.trained_quantization}; use --merge_from original")
     return base
 
 
@@ -262,7 +284,7 @@ def main(argv=None) -> int:
 
     try:
         if args.merge_to is not None:
-            merge_adapter(base, args.adapter, args.merge_to, args.trust_remote_code, log=log)
+            merge_adapter(base, args.adapter, args.merge_to, args.trust_remote_code, args.merge_from, log=log)
             return 0
         session = open_session(args, base, log=log)
         if args.compare:

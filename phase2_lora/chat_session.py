@@ -1,6 +1,7 @@
-"""The model side of chat.py: load base + LoRA adapter, render a conversation with the model's own
-chat template (dropping the oldest turns to fit the context window), stream one answer from a
-background thread, and merge the adapter into a standalone model.
+"""The model side of chat.py and serve.py: load base + LoRA adapter, render a conversation with the model's
+own chat template (chat.py drops the oldest turns to fit the context window), stream one answer from a
+background thread (`Generation`: the one generation code path of both scripts), and merge the adapter
+into a standalone model.
 """
 
 import os
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from qlora_model import UsageError, compute_dtype, load_model_and_tokenizer
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
+from qlora_model import UsageError, load_model, load_model_and_tokenizer, load_tokenizer
+from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
 
 
 def load_chat_model(base: str, adapter: Path | None, quantization: str, trust_remote_code: bool = False):
@@ -54,20 +55,102 @@ def end_of_turn_ids(tokenizer, model) -> list[int]:
 
 
 def context_window(model, max_context: int | None) -> int:
-    """Tokens the model attends over: its max_position_embeddings, or less when asked (the KV cache
-    of a 32k-token Qwen1.5-1.8B chat alone is ~6 GB in fp16)."""
+    """Tokens the model attends over: --max_context, capped at the model's max_position_embeddings."""
     n = getattr(model.config, "max_position_embeddings", None) or 4096
     return min(n, max_context) if max_context else n
 
 
+def encode_chat(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """Prompt ids (1, T) of `messages` in the model's own chat template, ending with the assistant's turn start.
+    sanitize_control_tokens: a user typing "<|im_end|>" gets the literal text, not a turn boundary."""
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                        return_tensors="pt", sanitize_control_tokens=True)
+    return enc["input_ids"]  # (1, T)
+
+
 class StopFlag(StoppingCriteria):
-    """Lets the main thread end generation early (Ctrl-C) by setting an Event."""
+    """Lets another thread end generation early (Ctrl-C, a stop string, a client gone) by setting an Event."""
 
     def __init__(self):
         self.event = threading.Event()
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Generation:
+    """One answer, streamed while it is generated: model.generate runs in a background thread and
+    TextIteratorStreamer hands decoded text pieces to whoever iterates (chat.py's main thread, so that
+    Ctrl-C lands there; serve.py's worker thread). Iterate once; afterwards `text`, `prompt_tokens`,
+    `completion_tokens` and `finish_reason` ("stop": end-of-turn token or stop string, "length": the cap, None:
+    cancelled) are set.
+
+    `stop` strings end the answer early, OpenAI-style: the stop string and all after it are never yielded,
+    so up to len(longest stop string) - 1 characters are held back until they cannot begin one.
+    Leaving the loop early (an exception, or close() of the generator: a client gone) stops the model.
+    """
+
+    def __init__(self, model, tokenizer, input_ids: torch.Tensor, gen_kwargs: dict, seed: int | None = None,
+                 adapter: bool = True, stop: tuple[str, ...] = ()):
+        self.prompt_tokens, self.stop_strings = input_ids.shape[1], [s for s in stop if s]
+        self.eos_ids, self.text, self.finish_reason = set(gen_kwargs["eos_token_id"]), "", None
+        self.new_ids, self.error = None, None
+        self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.flag = StopFlag()
+        self.thread = threading.Thread(target=self._work, args=(model, input_ids, gen_kwargs, seed, adapter),
+                                       daemon=True)
+        self.thread.start()
+
+    def _work(self, model, input_ids, gen_kwargs, seed, adapter):
+        try:
+            if seed is not None:
+                set_seed(seed)  # the same RNG state for every answer: reproducible sampling, a fair --compare
+            input_ids = input_ids.to(model.device)
+            with torch.inference_mode(), (model.disable_adapter() if not adapter else nullcontext()):
+                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     streamer=self.streamer, stopping_criteria=StoppingCriteriaList([self.flag]),
+                                     **gen_kwargs)
+            self.new_ids = out[0, input_ids.shape[1]:].tolist()  # generated tokens only
+        except BaseException as e:  # re-raised by the iterating thread; end the stream so it doesn't wait forever
+            self.error = e
+            self.streamer.end()
+
+    def cancel(self) -> None:
+        self.flag.event.set()  # generate() checks it after the next token
+
+    def __iter__(self):
+        hold = max(map(len, self.stop_strings), default=1) - 1
+        pending, hit_stop = "", False
+        try:
+            for piece in self.streamer:
+                pending += piece
+                cut = min((i for i in (pending.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+                if cut >= 0:
+                    pending, hit_stop = pending[:cut], True
+                    self.cancel()
+                    break
+                if len(pending) > hold:
+                    yield self._emit(pending[:len(pending) - hold])
+                    pending = pending[len(pending) - hold:]
+            if pending:
+                yield self._emit(pending)
+        except BaseException:  # Ctrl-C in chat.py, GeneratorExit when serve.py's client is gone
+            self.cancel()
+            raise
+        finally:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        ended = hit_stop or (self.new_ids and self.new_ids[-1] in self.eos_ids)
+        self.finish_reason = "stop" if ended else None if self.flag.event.is_set() else "length"  # None: cancelled
+
+    def _emit(self, piece: str) -> str:
+        self.text += piece
+        return piece
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.new_ids or ())
 
 
 class ChatSession:
@@ -95,10 +178,7 @@ class ChatSession:
         return messages + [{"role": "user", "content": user}]
 
     def encode(self, messages: list[dict]) -> torch.Tensor:
-        # sanitize_control_tokens: a user typing "<|im_end|>" gets the literal text, not a turn boundary.
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
-                                                 return_tensors="pt", sanitize_control_tokens=True)
-        return enc["input_ids"]  # (1, T)
+        return encode_chat(self.tokenizer, messages)  # (1, T)
 
     def build_prompt(self, user: str) -> torch.Tensor:
         """Prompt ids (1, T) for the next answer; drops the oldest turns until T <= max_prompt_tokens.
@@ -125,66 +205,43 @@ class ChatSession:
             rendered = self.tokenizer.decode(input_ids[0], skip_special_tokens=False)
             self.log(f"----- rendered prompt ({input_ids.shape[1]} tokens) -----\n{rendered}\n"
                      f"----- end of prompt -----")
-        answer = self.generate(input_ids, on_text, adapter)
+        start = time.perf_counter()
+        generation = Generation(self.model, self.tokenizer, input_ids, self.gen_kwargs, self.seed, adapter)
+        for piece in generation:  # Ctrl-C here stops the model and propagates
+            if on_text is not None:
+                on_text(piece)
+        if self.verbose:
+            seconds, n = time.perf_counter() - start, generation.completion_tokens
+            self.log(f"[{n} tokens in {seconds:.1f} s, {n / seconds:.1f} tokens/s]")
+        answer = generation.text.strip()
         self.turns.append((user, answer))
         return answer
 
-    def generate(self, input_ids: torch.Tensor, on_text=None, adapter: bool = True) -> str:
-        """Run model.generate in a background thread; TextIteratorStreamer hands decoded text pieces
-        to this (main) thread as tokens arrive. Ctrl-C stops generation and re-raises KeyboardInterrupt."""
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop = StopFlag()
-        result: dict = {}
-        input_ids = input_ids.to(self.model.device)
 
-        def work():
-            try:
-                set_seed(self.seed)  # every answer samples from the same RNG state: reproducible, fair --compare
-                with torch.inference_mode(), (self.model.disable_adapter() if not adapter else nullcontext()):
-                    result["ids"] = self.model.generate(
-                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([stop]), **self.gen_kwargs)
-            except BaseException as e:  # re-raised in the main thread; end the stream so it doesn't wait forever
-                result["error"] = e
-                streamer.end()
-
-        start = time.perf_counter()
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        try:
-            for piece in streamer:
-                if on_text is not None:
-                    on_text(piece)
-        except KeyboardInterrupt:
-            stop.event.set()  # generate() checks it after the next token
-            thread.join()
-            raise
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        new_ids = result["ids"][0, input_ids.shape[1]:]  # (T_new,) generated tokens only
-        if self.verbose:
-            seconds = time.perf_counter() - start
-            self.log(f"[{len(new_ids)} tokens in {seconds:.1f} s, {len(new_ids) / seconds:.1f} tokens/s]")
-        return self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-
-
-def generation_kwargs(args, stop_ids: list[int], pad_id: int | None) -> dict:
-    """model.generate() arguments from the CLI flags. --greedy is plain argmax: sampling knobs off and
-    no repetition penalty unless one is given explicitly (a penalty would change memorised answers)."""
-    kwargs = {"max_new_tokens": args.max_new_tokens, "eos_token_id": stop_ids,
+def generation_kwargs(max_new_tokens: int, stop_ids: list[int], pad_id: int | None, greedy: bool,
+                      temperature: float = 0.7, top_p: float = 0.8, top_k: int = 20,
+                      repetition_penalty: float | None = None) -> dict:
+    """model.generate() arguments. Greedy is plain argmax: sampling knobs off and no repetition penalty
+    unless one is given explicitly (a penalty would change memorised answers)."""
+    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids,
               "pad_token_id": pad_id if pad_id is not None else stop_ids[0], "use_cache": True}
-    if args.greedy:
+    if greedy:
         kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=50,
-                      repetition_penalty=args.repetition_penalty or 1.0)
+                      repetition_penalty=repetition_penalty or 1.0)
     else:
-        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      repetition_penalty=args.repetition_penalty or 1.05)
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
+                      repetition_penalty=repetition_penalty or 1.05)
     return kwargs
 
 
-def open_session(args, base: str, log=print) -> ChatSession:
-    """Load the model for chat.py's flags and start an empty conversation."""
+def cli_generation_kwargs(args, stop_ids: list[int], pad_id: int | None) -> dict:
+    """generation_kwargs from chat.py's / serve.py's generation flags."""
+    return generation_kwargs(args.max_new_tokens, stop_ids, pad_id, args.greedy, args.temperature, args.top_p,
+                             args.top_k, args.repetition_penalty)
+
+
+def load_for_chat(args, base: str, log=print):
+    """(model, tokenizer, context window, stop ids) for chat.py's / serve.py's model flags."""
     quantization = args.quantization
     if quantization == "auto":  # what the adapter was trained against (see chat.py), else by device
         quantization = args.trained_quantization or ("4bit" if torch.cuda.is_available() else "none")
@@ -200,25 +257,61 @@ def open_session(args, base: str, log=print) -> ChatSession:
         raise UsageError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in a "
                          f"{window}-token context window")
     stop_ids = end_of_turn_ids(tokenizer, model)
-    log(f"stop tokens {tokenizer.convert_ids_to_tokens(stop_ids)}, context window {window} tokens")
-    return ChatSession(model, tokenizer, generation_kwargs(args, stop_ids, tokenizer.pad_token_id),
+    log(f"on {model.device} in {model.dtype}; stop tokens {tokenizer.convert_ids_to_tokens(stop_ids)}, "
+        f"context window {window} tokens")
+    return model, tokenizer, window, stop_ids
+
+
+def open_session(args, base: str, log=print) -> ChatSession:
+    """Load the model for chat.py's flags and start an empty conversation."""
+    model, tokenizer, window, stop_ids = load_for_chat(args, base, log)
+    return ChatSession(model, tokenizer, cli_generation_kwargs(args, stop_ids, tokenizer.pad_token_id),
                        max_prompt_tokens=window - args.max_new_tokens, system=args.system, seed=args.seed,
                        log=log, verbose=args.verbose)
 
 
-def merge_adapter(base: str, adapter: Path, out_dir: Path, trust_remote_code: bool = False, log=print) -> None:
-    """Fold the LoRA update into the base weights (W <- W + (alpha/r) B A) and save a standalone model.
+# ---------------------------------------------------------------- merging
 
-    The base is reloaded unquantized, never in 4-bit: merging into NF4 weights would re-quantize W + BA,
-    and the small update would drown in the 4-bit rounding. dtype = the machine's compute dtype: bf16
-    (fp16 on pre-Ampere GPUs) where there is a GPU, fp32 on CPU-only machines. The merge runs in CPU RAM
-    so a small GPU never runs out of memory. Written to a temp dir, then renamed: no half-written model.
+def base_dtype(base: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype the base checkpoint is stored in (config.json's dtype: bf16 for Qwen1.5), fp32 if unrecorded."""
+    dtype = getattr(AutoConfig.from_pretrained(str(base), trust_remote_code=trust_remote_code), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def nf4_base(base: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The base as the QLoRA adapter saw it in training: quantised to NF4 exactly as finetune.py does (on the
+    GPU when there is one, like training), every 4-bit weight de-quantised, moved to CPU in `dtype`."""
+    model = load_model(base, quantization="4bit", trust_remote_code=trust_remote_code)
+    model = model.dequantize(dtype=dtype)  # bnb Linear4bit -> nn.Linear holding dequant(NF4(W))
+    return model.to(device="cpu", dtype=dtype)
+
+
+def merge_adapter(base: str, adapter: Path, out_dir: Path, trust_remote_code: bool = False,
+                  merge_from: str = "original", log=print) -> None:
+    """Fold the LoRA update into the base weights (W <- W + (alpha/r) B A) and save a standalone model
+    in the base's own dtype (bf16 for Qwen1.5: a 3.7 GB model, not a 7 GB fp32 copy).
+
+    merge_from="original": W = the base's own weights, the usual merge. For an adapter trained in 4-bit
+      (QLoRA) this is a slightly different model from the one trained: B A was fitted to dequant(NF4(W)).
+    merge_from="nf4": W = dequant(NF4(W)), the weights the QLoRA adapter was trained against, so the merged
+      model answers like 4-bit base + adapter, at full-precision speed (it carries the 4-bit rounding).
+    Never merged into the 4-bit weights themselves: re-quantising W + BA would drown the small update in
+    the 4-bit rounding. The merge runs in CPU RAM; written to a temp dir, then renamed: no half-written model.
     """
-    dtype = compute_dtype()
-    log(f"merging {adapter} into {base} ({str(dtype).removeprefix('torch.')}, on CPU) ...")
-    model, tokenizer = load_model_and_tokenizer(base, quantization="none", trust_remote_code=trust_remote_code,
-                                                device_map={"": "cpu"})
+    dtype = base_dtype(base, trust_remote_code)
+    log(f"merging {adapter} into {base} ({merge_from} weights, saved in {str(dtype).removeprefix('torch.')}) ...")
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    if merge_from == "nf4":
+        model = nf4_base(base, dtype, trust_remote_code)
+    else:
+        model = load_model(base, quantization="none", trust_remote_code=trust_remote_code, device_map={"": "cpu"},
+                           dtype=dtype)
     model = attach_adapter(model, adapter, base).merge_and_unload()  # plain transformers model again
+    # Batched generation appends new tokens on the right, so pad on the left. save_pretrained writes
+    # init_kwargs, not the attribute: set both.
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     try:
         model.save_pretrained(tmp)      # config.json, generation_config.json, model.safetensors
@@ -229,4 +322,4 @@ def merge_adapter(base: str, adapter: Path, out_dir: Path, trust_remote_code: bo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"saved merged model ({n_params:,} params) -> {out_dir}")
+    log(f"saved merged model ({n_params:,} params, {str(model.dtype).removeprefix('torch.')}) -> {out_dir}")

@@ -1,7 +1,7 @@
 """chat.py on the tiny Qwen2 after the short fine-tune of the `trained_adapter` fixture (conftest.py):
 greedy answers reproduce the trained ones, the base model's answers don't, piped stdin keeps the
-history, the merged model answers exactly like base + adapter, a terminal session streams and
-exits cleanly on Ctrl-C, and bad input fails fast with one line and exit code 2.
+history, the merged model answers exactly like base + adapter (the NF4 merge like the 4-bit model it was trained
+on), a terminal session streams and exits cleanly on Ctrl-C, and bad input fails fast with one line and exit code 2.
 
 Each chat.py run costs seconds of imports, so every run asks several things at once."""
 
@@ -96,17 +96,70 @@ def test_piped_stdin_keeps_history(piped):
     assert first.count("<|im_start|>user") == 1 and second.count("<|im_start|>user") == 2
 
 
-def test_merged_model_answers_like_base_plus_adapter(trained, piped, tmp_path):
-    (adapter, qa), (proc, _) = trained, piped
-    merged = tmp_path / "merged"
-    chat("--adapter", adapter, "--merge_to", merged)
-    assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
-    assert (merged / "tokenizer.json").is_file() and not (merged / "adapter_config.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # the temp dir was renamed, nothing left over
+@pytest.fixture(scope="module")
+def merged(trained, tmp_path_factory):
+    """{merge_from: dir}: the adapter merged into the original weights and into the de-quantised NF4 ones."""
+    adapter, _ = trained
+    root = tmp_path_factory.mktemp("merged")
+    for source in ("original", "nf4"):
+        chat("--adapter", adapter, "--merge_to", root / source, "--merge_from", source)
+    assert sorted(p.name for p in root.iterdir()) == ["nf4", "original"]  # temp dirs renamed, nothing left over
+    return {p.name: p for p in root.iterdir()}
+
+
+def merged_answers(model_dir, questions) -> list[str]:
     # No --adapter: the merged dir alone, loaded by AutoModelForCausalLM like any model.
-    got = answers(chat("--model_name_or_path", merged, "--greedy", "--prompt", qa[0][0], "--prompt", qa[2][0]))
-    piped_answers = answers(proc)
-    assert got == [piped_answers[0], piped_answers[2]]  # the fresh-conversation turns of the piped run
+    prompts = [a for q in questions for a in ("--prompt", q)]
+    return answers(chat("--model_name_or_path", model_dir, "--greedy", *prompts))
+
+
+def test_merged_model_answers_like_base_plus_adapter(trained, piped, merged):
+    (_, qa), (proc, _) = trained, piped
+    out = merged["original"]
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert (out / "tokenizer.json").is_file() and not (out / "adapter_config.json").exists()
+    piped_answers = answers(proc)  # base + adapter, unquantized weights
+    assert merged_answers(out, [qa[0][0], qa[2][0]]) == [piped_answers[0], piped_answers[2]]
+
+
+def test_merge_from_nf4_answers_like_the_4bit_model_it_was_trained_on(trained, merged):
+    """The adapter was fitted to dequant(NF4(W)); the tiny model's 4-bit rounding is large, so adding it to
+    the original W changes answers, while merging into the de-quantised NF4 weights reproduces them all."""
+    _, qa = trained
+    questions, trained_answers = [q for q, _ in qa], [a for _, a in qa]
+    assert merged_answers(merged["nf4"], questions) == trained_answers  # = 4-bit base + adapter (first test)
+    assert merged_answers(merged["original"], questions) != trained_answers
+
+
+def test_merge_saves_the_base_dtype_and_left_padding(trained, tiny_model_dir, tmp_path):
+    """A bf16 base merges into a bf16 model (not an fp32 copy of twice the size), tokenizer padded left."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, _ = trained
+    base = tmp_path / "tiny-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(base)
+    out = tmp_path / "merged"
+    chat("--adapter", adapter, "--model_name_or_path", base, "--ignore_base_mismatch", "--merge_to", out)
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoTokenizer.from_pretrained(out).padding_side == "left"
+
+
+@pytest.mark.gpu
+def test_chat_and_nf4_merge_on_cuda(trained, tmp_path):
+    """On the GPU: 4-bit NF4 base + adapter with bf16 (fp16 before Ampere) compute answers as trained, and
+    --merge_from nf4, quantising on the GPU as training on a GPU does, answers the same."""
+    adapter, qa = trained
+    prompts = [a for q, _ in qa for a in ("--prompt", q)]
+    proc = chat("--adapter", adapter, "--greedy", *prompts)
+    assert "(4bit)" in proc.stderr and "on cuda:0" in proc.stderr
+    assert answers(proc) == [a for _, a in qa]
+    chat("--adapter", adapter, "--merge_to", tmp_path / "merged", "--merge_from", "nf4")
+    proc = chat("--model_name_or_path", tmp_path / "merged", "--greedy", *prompts)
+    assert "on cuda:0" in proc.stderr and answers(proc) == [a for _, a in qa]
 
 
 # ---------------------------------------------------------------- a real terminal
