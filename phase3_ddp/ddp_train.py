@@ -24,7 +24,7 @@ from ddp_checkpoint import restore_checkpoint, save_checkpoint, save_final
 from ddp_data import LengthGroupedDistributedSampler, load_on_rank0_first
 from qlora_model import UsageError, add_lora, compute_dtype, load_model, load_tokenizer, trainable_parameters
 from run_files import check_output_dir, check_resume_args, write_run_args
-from sft_data import IGNORE_INDEX, SFTCollator, describe, load_sft_datasets, parse_val_size
+from sft_data import IGNORE_INDEX, SFTCollator, describe, load_sft_datasets, parse_val_size, real_tokens
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -34,9 +34,9 @@ from transformers.utils import logging as hf_logging
 
 # Flags that define what the checkpoints are (data, model shape, optimisation): --resume refuses to change them
 # (phase 2's list, plus the optimizer, whose state format differs). How long to train, logging and saving may change.
-RESUME_KEYS = ("data_path", "max_samples", "val_size", "system", "max_seq_len", "seed", "quantization",
-               "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "lr_scheduler", "warmup_ratio",
-               "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "train_on_prompt", "optim")
+RESUME_KEYS = ("data_path", "max_samples", "val_size", "system", "max_seq_len", "train_on_prompt", "packing",
+               "seed", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
+               "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "optim")
 IS_RANK0 = int(os.environ.get("RANK", 0)) == 0  # set by torchrun; plain python is rank 0 of 1
 RESTART_COUNT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # > 0: torchrun restarted us after a failure
 # Progress bars only for a person watching a terminal; logs (a pipe, `> train.log`) get plain lines instead.
@@ -90,12 +90,13 @@ class Plan:
 
 def load_data(args):
     """Tokenizer and tokenised train/val sets (sft_data, as in phase 2); rank 0 tokenises first, filling the
-    cache the others then read. Returns (tokenizer, train, val or None, Plan)."""
+    cache the others then read. Returns (tokenizer, train, val or None, stats, Plan)."""
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train_ds, val_ds, stats = load_on_rank0_first(lambda: load_sft_datasets(
         args.data_path, tokenizer, system=args.system, max_seq_len=args.max_seq_len, max_samples=args.max_samples,
         val_size=args.val_size, strict=args.strict, seed=args.seed, log=say, train_on_prompt=args.train_on_prompt,
-        cache_dir=args.cache_dir or None))
+        cache_dir=None if args.no_cache else args.cache_dir, packing=args.packing,
+        overwrite_cache=args.overwrite_cache and IS_RANK0))  # the others then read rank 0's fresh cache
     say(describe(stats, args.max_seq_len))
     world = dist.get_world_size()
     global_batch = args.batch_size * args.grad_accum * world
@@ -151,11 +152,8 @@ def build_optimizer(args, ddp_model: DDP, total_steps: int, device: torch.device
     kwargs = {"lr": args.lr, "weight_decay": args.weight_decay}
     optimizer = (ZeroRedundancyOptimizer(params, optimizer_class=optimizer_class, **kwargs) if args.zero
                  else optimizer_class(params, **kwargs))
-    try:
-        scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio *
-                                  total_steps), num_training_steps=total_steps)
-    except ValueError as e:  # an unknown scheduler name
-        raise UsageError(f"--lr_scheduler {args.lr_scheduler!r}: {e}") from e
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
     return optimizer, scheduler
 
 
@@ -196,7 +194,7 @@ def train_step(engine: Engine, window: list[dict]) -> tuple[float, int, int]:
     gradients by W, which leaves d(sum of all ranks' CE) / N: exactly the single-process gradient.
     """
     counts = torch.tensor([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window),
-                           sum(int(b["attention_mask"].sum()) for b in window)], device=engine.device)
+                           sum(real_tokens(b) for b in window)], device=engine.device)
     dist.all_reduce(counts)  # SUM over ranks: [target tokens N, real tokens]
     num_items = counts[0].float() / dist.get_world_size()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -352,7 +350,7 @@ def train(args, device: torch.device, resume_from: Path | None) -> None:
         say(f"resumed from step {state['step']} (restart {RESTART_COUNT})")
     if IS_RANK0:
         write_run_args(args.output_dir, run_args_dict(args))  # at the start: --resume checks against it
-    collate = SFTCollator(tokenizer.pad_token_id)
+    collate = SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
     seconds = train_loop(args, engine, train_ds, val_ds, collate, plan, state["step"], state["log_history"])
     report(args, engine, model, tokenizer, plan, stats, state["log_history"], state["step"], seconds)
     if engine.writer:

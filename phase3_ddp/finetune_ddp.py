@@ -38,7 +38,8 @@ def fail(message: str) -> NoReturn:
     """Bad input: one line on stderr, exit 2. Every rank finds the same problem and prints it, prefixed with its
     rank as torch prefixes per-rank tracebacks: torchrun kills the other ranks as soon as one exits, so a line
     left to rank 0 alone would be lost whenever another rank exits first."""
-    print(f"[rank{RANK}]: " * (WORLD_SIZE > 1) + f"error: {message}", file=sys.stderr, flush=True)
+    prefix = f"[rank{RANK}]: " if WORLD_SIZE > 1 else ""
+    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -92,10 +93,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val_size", default="0.02",  # parsed by ddp_train.check_run (sft_data.parse_val_size)
                    help="held-out records: a fraction in (0, 1) or a count; 0 turns evaluation off")
     p.add_argument("--strict", action="store_true", help="stop at the first invalid record instead of skipping it")
-    p.add_argument("--train_on_prompt", action="store_true", help="supervise user and system tokens too")
-    p.add_argument("--cache_dir", default="data/cache",
-                   help="tokenised data is cached here (rank 0 builds it, the other ranks read it); '' = no cache")
-    p.add_argument("--packing", action="store_true", help="not supported here yet: phase2_lora/finetune.py packs")
+    p.add_argument("--train_on_prompt", action="store_true",
+                   help="supervise every token, prompts included (default: assistant answers only)")
+    p.add_argument("--packing", action="store_true",
+                   help="fill rows of --max_seq_len with several examples (attention stays within each example)")
+    p.add_argument("--cache_dir", default="data/cache",  # sft_data.DEFAULT_CACHE_DIR
+                   help="tokenised data is cached here (rank 0 builds it, the other ranks read it), keyed by data, "
+                        "tokenizer, template and options")
+    p.add_argument("--no_cache", action="store_true", help="tokenise from scratch and write no cache")
+    p.add_argument("--overwrite_cache", action="store_true", help="tokenise again and replace the cached copy")
     p.add_argument("--epochs", type=positive_float, default=1.0)
     p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     p.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate")
@@ -129,9 +135,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.save_steps < 0:
         p.error(f"argument --save_steps: expected a whole number >= 0, got {args.save_steps}")
-    if args.packing:  # the flag exists so that phase 2's command lines get this answer, not "unrecognized"
-        p.error("--packing is not supported by finetune_ddp.py yet, only by phase2_lora/finetune.py; drop the flag "
-                "(length-grouped batches already keep the padding low)")
     return args
 
 
@@ -191,6 +194,9 @@ def main(argv=None) -> None:
         train(args, device, resume_from)
     except UsageError as e:  # the same on every rank: bad data (broadcast by rank 0), a model that can't load
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank (torchrun forwards it): one line each, no traceback
+        print(f"rank {RANK}: interrupted; --resume continues from the last checkpoint, if any", file=sys.stderr)
+        sys.exit(130)
     finally:
         dist.destroy_process_group()
 

@@ -323,13 +323,18 @@ def pack_examples(ds: Dataset, max_seq_len: int) -> Dataset:
     return Dataset(table)
 
 
+PAD_POSITION = -1  # position id of padding in packed rows: a sequence of its own, and countable (>= 0: real)
+
+
 @dataclass
 class SFTCollator:
     """Pads a list of examples to the longest one in the batch (dynamic padding): input_ids with the pad
     id, labels with IGNORE_INDEX. Right padding: real tokens keep positions 0..L-1.
-    Plain examples get an attention_mask (0 on pads). Packed rows (with position_ids) get position_ids and
-    no attention_mask, so transformers builds a block-diagonal causal mask from them; the pads then count
-    as one more sequence (positions restart at 0), which real tokens, all before it, never attend to."""
+
+    Plain examples get an attention_mask (0 on pads). Packed rows (with position_ids) get position_ids and no
+    attention_mask: transformers then builds a block-diagonal causal mask from the position resets. Pads get
+    position id PAD_POSITION, which makes each pad a sequence of its own (attended by nothing real: they come
+    last) and lets a trainer count real tokens as (position_ids >= 0).sum()."""
     pad_token_id: int
     pad_to_multiple_of: int | None = None  # 8 lets GPU tensor cores use aligned shapes
 
@@ -341,17 +346,17 @@ class SFTCollator:
         shape = (len(examples), longest)
         batch = {"input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),   # (B, T)
                  "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long)}           # (B, T)
-        if packed:
-            batch["position_ids"] = torch.arange(longest).repeat(len(examples), 1)     # (B, T)
-        else:
-            batch["attention_mask"] = torch.zeros(shape, dtype=torch.long)              # (B, T)
+        mask_key, fill = ("position_ids", PAD_POSITION) if packed else ("attention_mask", 0)
+        batch[mask_key] = torch.full(shape, fill, dtype=torch.long)                     # (B, T)
         for row, ex in enumerate(examples):
             n = len(ex["input_ids"])
             batch["input_ids"][row, :n] = torch.as_tensor(ex["input_ids"])
             batch["labels"][row, :n] = torch.as_tensor(ex["labels"])
-            if packed:
-                batch["position_ids"][row, :n] = torch.as_tensor(ex["position_ids"])
-                batch["position_ids"][row, n:] = torch.arange(longest - n)
-            else:
-                batch["attention_mask"][row, :n] = 1
+            batch[mask_key][row, :n] = torch.as_tensor(ex["position_ids"]) if packed else 1
         return batch
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens in a collated batch that are not padding, plain or packed."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int((batch["position_ids"] != PAD_POSITION).sum())

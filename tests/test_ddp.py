@@ -44,6 +44,16 @@ ddp_train.train_step = train_step
 finetune_ddp.main()
 """
 
+# Holds rank 0 back, so that rank 1 fails first and torchrun kills rank 0 before it can say anything.
+SLOW_RANK0_LAUNCHER = f"""
+import os, sys, time
+sys.path.insert(0, {str(REPO / "phase3_ddp")!r})
+if os.environ["RANK"] == "0":
+    time.sleep(20)
+import finetune_ddp
+finetune_ddp.main()
+"""
+
 
 def torchrun(*args, nproc: int = 2, max_restarts: int = 0, timeout: float = 300, env: dict | None = None,
              script=REPO / SCRIPT) -> subprocess.CompletedProcess:
@@ -133,6 +143,26 @@ def test_two_ranks_match_one_process_with_twice_the_batch(single, ddp):
     assert ddp["metrics"]["eval_loss"] == pytest.approx(single["metrics"]["eval_loss"], rel=1e-5)
 
 
+def test_logs_get_plain_lines_not_progress_bars(ddp):
+    """stderr is a pipe here, as in CI or `> train.log`: plain log lines, no carriage-return bar updates."""
+    assert not re.search(r"\d+%\|", ddp["log"])  # a tqdm bar: "train:  17%|█▋  | 1/6 [...]" (text mode turns \r to \n)
+    assert re.search(r"^step 1/6 \| loss [\d.]+ \| lr [\d.e+-]+ \| \d+ tokens/s$", ddp["log"], re.M), ddp["log"]
+
+
+def test_packed_rows_two_ranks_match_one_process(tiny_model_dir, sft_json, tmp_path):
+    """--packing (several examples per row, position ids restarting at each) keeps the rank-exact equivalence."""
+    runs = []
+    for nproc, batch_size in ((1, 2), (2, 1)):
+        out = tmp_path / f"packed{nproc}"
+        flags = train_flags(tiny_model_dir, sft_json, out, batch_size=batch_size, grad_accum=1, max_steps=3,
+                            save_steps=0, max_seq_len=128)
+        runs.append(finished(torchrun(*flags, "--packing", nproc=nproc), out))
+    assert "packed into 30 rows" in runs[0]["log"]  # 36 examples of up to 128 tokens
+    assert max_abs_diff(runs[0]["adapter"], runs[1]["adapter"]) < 1e-5
+    losses = [[h["loss"] for h in run["metrics"]["log_history"] if "loss" in h] for run in runs]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
+
+
 def test_every_epoch_reads_a_new_order(ddp):
     """Without the sampler's set_epoch every epoch would repeat the first one's batches, and both sides of the
     other tests would repeat them alike. Target tokens per step differ between the examples of each step."""
@@ -216,15 +246,17 @@ def error_messages(stderr: str) -> list[str]:
     return [m[1] for m in re.finditer(r"^(?:\[rank\d+\]: )?(error: .*)$", stderr, re.M)]
 
 
-@pytest.mark.parametrize("case", ["missing_data", "more_processes_than_gpus", "bad_flag"])
+@pytest.mark.parametrize("case", ["missing_data", "more_processes_than_gpus", "rank0_killed_first", "bad_flag"])
 def test_bad_input_fails_fast_on_every_rank(case, tiny_model_dir, tmp_path):
     flags = train_flags(tiny_model_dir, tmp_path / "missing.json" if case == "missing_data" else "x.json",
                         tmp_path / "out")
     expected = {"missing_data": "error: data file not found",
                 "more_processes_than_gpus": "error: 2 process(es) on this machine but 0 CUDA GPU(s) visible",
+                "rank0_killed_first": "error: 2 process(es) on this machine but 0 CUDA GPU(s) visible",
                 "bad_flag": "error: argument --batch_size: expected a whole number >= 1"}[case]
     # torchrun kills the other ranks when one exits, so a line printed by rank 0 alone could be lost: every
-    # rank prints its own. The wrong launch is quick (it fails before the heavy imports), so it runs 10 times.
+    # rank prints its own. The wrong launch is quick (it fails before the heavy imports), so it runs 10 times,
+    # and once more with rank 0 held back until torchrun kills it.
     launches = 10 if case == "more_processes_than_gpus" else 1
     for _ in range(launches):
         start = time.perf_counter()
@@ -233,8 +265,12 @@ def test_bad_input_fails_fast_on_every_rank(case, tiny_model_dir, tmp_path):
             assert proc.returncode == 2
         else:
             gpuless = {"CUDA_VISIBLE_DEVICES": ""}  # 0 GPUs for 2 processes, whatever the machine has
-            extra, env = (["--device", "cuda"], gpuless) if case == "more_processes_than_gpus" else ([], None)
-            proc = torchrun(*flags, *extra, timeout=120, env=env)  # a rank stuck at a collective would hit this
+            extra, env = (["--device", "cuda"], gpuless) if case != "missing_data" else ([], None)
+            script = REPO / SCRIPT
+            if case == "rank0_killed_first":  # the race made certain: without rank 1's own line, nothing shows
+                script = tmp_path / "slow_rank0.py"
+                script.write_text(SLOW_RANK0_LAUNCHER, encoding="utf-8")
+            proc = torchrun(*flags, *extra, timeout=120, env=env, script=script)  # a hung rank would time out
             assert proc.returncode != 0
         assert time.perf_counter() - start < 120
         errors = error_messages(proc.stderr)
