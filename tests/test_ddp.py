@@ -2,11 +2,12 @@
 
 Four training launches, shared by the tests through module fixtures:
   single   python finetune_ddp.py, 1 process, batch 4            } same global batch of 8 per step:
-  ddp      torchrun 2 ranks, batch 2 per rank                    } adapters must match (dropout 0)
+  ddp      torchrun 2 ranks, batch 2 per rank, TensorBoard       } adapters must match (dropout 0)
   ddp_dropout   torchrun 2 ranks, lora_dropout 0.1, 8-bit AdamW  } a crash of rank 1 and a restart must
   crashed  the same + --zero + crash of rank 1 after step 5      } give the same adapter (RNG restored too)
 The crash is injected from here: a launcher script wraps ddp_train.train_step, so the training code carries no
-test-only flag.
+test-only flag. Other tests launch their own runs: --packing (1 vs 2 ranks), bad input, --resume with changed
+settings, the benchmark, and one NCCL rank on CUDA (marked gpu).
 """
 
 import json
