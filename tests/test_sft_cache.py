@@ -93,3 +93,14 @@ def test_overwrite_strict_and_unwritable(tmp_path, tokenizer, monkeypatch):
     ds, stats = tokenized_dataset([bad], tokenizer, cache_dir=blocked / "cache", log=logs.append)
     assert len(ds) == 6 and "cache" not in stats
     assert any(line.startswith(f"warning: cannot write the tokenised-data cache {blocked}") for line in logs)
+
+
+def test_benchmark_records_follow_the_length_statistics(tmp_path):
+    """benchmark_data.py's synthetic Alpaca file has the length statistics it claims (log-normal fits)."""
+    from benchmark_data import ALPACA_STATS, fit_stats, make_records
+    path = write_json(tmp_path / "fake.json", make_records(4000, ALPACA_STATS, seed=0))
+    fitted = fit_stats(path)
+    for field in ("instruction", "input", "output"):
+        assert fitted[field] == pytest.approx(ALPACA_STATS[field], abs=0.06), field
+    assert fitted["p_input"] == pytest.approx(ALPACA_STATS["p_input"], abs=0.03)
+    assert fitted["cjk_fraction"] == pytest.approx(ALPACA_STATS["cjk_fraction"], abs=0.02)
