@@ -1,7 +1,10 @@
-"""phase3_ddp/ddp_data.py's LengthGroupedDistributedSampler, in-process: who reads what, in which order."""
+"""phase3_ddp/ddp_data.py: who tokenises first (under a real 2-process torchrun), and the sampler (in-process):
+who reads what, in which order."""
 
 import importlib.util
+import os
 import random
+import subprocess
 import sys
 
 from conftest import REPO
@@ -55,3 +58,48 @@ def test_each_epoch_has_its_own_order_and_a_resume_skips_exactly_what_was_done()
     assert first != second and sorted(map(sorted, first)) != sorted(map(sorted, second))  # new groups too
     assert epoch(4, 1, epoch=0)[0] == first  # deterministic: every rank, every restart computes the same
     assert epoch(4, 1, epoch=0, skip=7)[0] == first[7:]
+
+
+# Rank 0's load is slow on purpose: rank 1 must wait for it, not race ahead. Then rank 0's load fails: rank 1 must
+# raise the same error without loading.
+RANK0_FIRST = f"""
+import sys, time
+sys.path.insert(0, {str(REPO / "phase3_ddp")!r})
+import torch.distributed as dist
+from ddp_data import load_on_rank0_first
+from qlora_model import UsageError
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+def load():
+    if rank == 0:
+        time.sleep(3)
+    print(f"rank {{rank}} loaded at {{time.time()}}", flush=True)
+    return rank
+
+assert load_on_rank0_first(load) == rank
+
+def failing_load():
+    if rank == 0:
+        raise UsageError("data file not found: x.json")
+    raise AssertionError("rank 1 loaded although rank 0 had failed")
+
+try:
+    load_on_rank0_first(failing_load)
+except UsageError as e:
+    print(f"rank {{rank}} raised: {{e}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_rank0_loads_first_and_its_error_reaches_every_rank(tmp_path):
+    script = tmp_path / "rank0_first.py"
+    script.write_text(RANK0_FIRST, encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = {int(line.split()[1]): float(line.split()[-1]) for line in proc.stdout.splitlines() if "loaded at" in line}
+    assert loaded.keys() == {0, 1} and loaded[1] >= loaded[0]  # rank 1 started loading after rank 0 had finished
+    for rank in (0, 1):
+        assert f"rank {rank} raised: data file not found: x.json" in proc.stdout, proc.stdout
