@@ -1,0 +1,333 @@
+"""Serve base + LoRA adapter over an OpenAI-compatible HTTP API, with a web chat page, in one command.
+
+    python phase2_lora/serve.py --adapter checkpoints/qwen1.5-1.8b-persona-lora      # http://127.0.0.1:8000
+    python phase2_lora/serve.py --adapter DIR --host 0.0.0.0 --port 8000 --api_key SECRET   # reachable on the LAN
+
+  GET  /                      the chat page: multi-turn, answers stream token by token, Clear and Stop buttons
+  GET  /v1/models             the served model; its id names the base and the adapter
+  POST /v1/chat/completions   OpenAI's request: messages, max_tokens (or max_completion_tokens), temperature
+                              (0 = greedy), top_p, stop, seed, stream (+ stream_options.include_usage); usage counts
+
+Model flags are chat.py's, and so is the generation code (chat_session.Generation): the model's own chat
+template, stopping at its end-of-turn token. Requests without a system message get --system (default: the one
+the adapter was trained with). One generation runs at a time; the others wait in arrival order. A client that
+disconnects stops its generation. Bad requests get OpenAI-style JSON errors with a 4xx status.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from chat import add_model_flags, check_model_args, die, log
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+PAGE = Path(__file__).resolve().parent / "web" / "index.html"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(p)  # --max_new_tokens etc. are the defaults of requests that leave those fields out
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default: %(default)s, this machine only); 0.0.0.0 opens the "
+                        "server to the network: add --api_key then")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--api_key", default=None,
+                   help="require the header 'Authorization: Bearer KEY' on /v1/* (default: no key)")
+    args = p.parse_args(argv)
+    if not 0 < args.port < 65536:
+        die(f"--port must be in 1..65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        die("--api_key must not be empty")
+    return args
+
+
+# ---------------------------------------------------------------- requests: validated before the model runs
+
+class APIError(Exception):
+    """An OpenAI-style error: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]
+    max_tokens: int | None  # None: as many as fit, up to --max_new_tokens
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+
+
+def number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False, lo_open: bool = False):
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise APIError(f"'{name}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}", name)
+    if not (lo < value if lo_open else lo <= value) or value > hi:
+        raise APIError(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", name)
+    return value if integer else float(value)  # generate() rejects an int temperature
+
+
+def check_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise APIError("'messages' must be a non-empty list of {role, content} objects", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
+        if m.get("role") not in ROLES:
+            raise APIError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {json.dumps(m.get('role'))}",
+                           f"messages[{i}].role")
+        if not isinstance(m.get("content"), str):
+            raise APIError(f"messages[{i}].content must be a string (text only), got {json.dumps(m.get('content'))}",
+                           f"messages[{i}].content")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def parse_request(body, args, max_tokens_cap: int) -> ChatRequest:
+    """The request's fields, checked; ChatRequest uses the server's flags for the ones left out."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    messages = check_messages(body.get("messages"))
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = number(body, name, None, 1, max_tokens_cap, integer=True)
+    if body.get("n") not in (None, 1):
+        raise APIError("only 'n': 1 is supported", "n")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them", "stop")
+    if not isinstance(body.get("stream", False), bool):
+        raise APIError("'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    return ChatRequest(messages, max_tokens, temperature=number(body, "temperature", 0.0 if args.greedy else
+                                                                args.temperature, 0, 2),
+                       top_p=number(body, "top_p", args.top_p, 0, 1, lo_open=True), stop=tuple(stop),
+                       seed=number(body, "seed", None, -2**63, 2**63 - 1, integer=True),
+                       stream=body.get("stream", False), include_usage=bool(options.get("include_usage")))
+
+
+# ---------------------------------------------------------------- the model side
+
+class Server:
+    """The loaded model and what every request needs; one generation at a time (an asyncio.Lock, FIFO)."""
+
+    def __init__(self, args, base: str):
+        from chat_session import load_for_chat
+
+        self.args, self.lock = args, asyncio.Lock()
+        self.model, self.tokenizer, self.window, self.stop_ids = load_for_chat(args, base, log=log)
+        base_name = Path(base).name if Path(base).expanduser().is_dir() else base
+        self.model_id = base_name + (f"+{args.adapter.name}" if args.adapter else "")
+        self.created = int(time.time())
+
+    def prepare(self, request: ChatRequest):
+        """(prompt ids (1, T), generate() kwargs); a prompt that leaves no room to answer is an APIError."""
+        from chat_session import encode_chat, generation_kwargs
+
+        messages = request.messages
+        if self.args.system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.args.system}, *messages]
+        input_ids = encode_chat(self.tokenizer, messages)  # (1, T)
+        room = self.window - input_ids.shape[1]
+        max_tokens = request.max_tokens or min(self.args.max_new_tokens, room)
+        if max_tokens > room or room < 1:
+            raise APIError(f"this model's context window is {self.window} tokens, but {input_ids.shape[1]} prompt "
+                           f"+ {max_tokens} completion tokens were requested; shorten the messages or lower "
+                           f"max_tokens", "messages", code="context_length_exceeded")
+        kwargs = generation_kwargs(max_tokens, self.stop_ids, self.tokenizer.pad_token_id,
+                                   greedy=request.temperature == 0, temperature=request.temperature,
+                                   top_p=request.top_p, top_k=self.args.top_k,
+                                   repetition_penalty=self.args.repetition_penalty)
+        return input_ids, kwargs
+
+    async def pieces(self, request: ChatRequest, input_ids, kwargs, stats: dict):
+        """Async generator of answer text pieces. A worker thread runs the same loop as chat.py over a
+        Generation and hands each piece to the event loop; closing this generator (the client went away)
+        stops the model after its next token. Fills `stats` (usage, finish_reason) at the end."""
+        from chat_session import Generation
+
+        await self.lock.acquire()
+        loop, queue, done = asyncio.get_running_loop(), asyncio.Queue(), object()
+        generation = Generation(self.model, self.tokenizer, input_ids, kwargs, seed=request.seed, stop=request.stop)
+
+        def pump():
+            try:
+                for piece in generation:
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except BaseException as e:  # noqa: BLE001  (handed to the event loop, raised there)
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        def release(_):  # only once the model has really stopped: then the next request may use it
+            if generation.finish_reason is None and generation.error is None:
+                log(f"client gone: generation stopped after {generation.completion_tokens} tokens")
+            self.lock.release()
+
+        worker = loop.run_in_executor(None, pump)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):  # e.g. CUDA out of memory: one log line, a JSON 500
+                    log(f"error: generation failed: {type(item).__name__}: {item}")
+                    raise APIError(f"generation failed: {type(item).__name__}", status=500,
+                                   kind="server_error") from item
+                yield item
+            stats.update(finish_reason=generation.finish_reason, prompt_tokens=generation.prompt_tokens,
+                         completion_tokens=generation.completion_tokens)
+        finally:  # no await here: a cancelled task (client gone) could be interrupted again at any await
+            generation.cancel()  # a no-op once finished
+            worker.add_done_callback(release)
+
+
+# ---------------------------------------------------------------- the HTTP app
+
+def usage(stats: dict) -> dict:
+    return {"prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
+            "total_tokens": stats["prompt_tokens"] + stats["completion_tokens"]}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def create_app(server: Server, api_key: str | None = None):
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    class EventStream(StreamingResponse):
+        media_type = "text/event-stream"
+
+        async def stream_response(self, send):
+            try:
+                await super().stream_response(send)
+            finally:  # a client gone mid-stream: close the generator now (stops the model), not at garbage collection
+                await self.body_iterator.aclose()
+
+    app = FastAPI(title="phase2_lora serve", docs_url=None, redoc_url=None, openapi_url=None)
+    error = lambda e: JSONResponse(e.body(), status_code=e.status)  # noqa: E731
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e):
+        return error(e)
+
+    @app.exception_handler(HTTPException)  # 404, 405: the same JSON shape
+    async def http_error(request, e):
+        return error(APIError(str(e.detail), status=e.status_code))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e):
+        log(f"error: {type(e).__name__}: {e}")  # one line; the client gets JSON, never a traceback
+        return error(APIError(f"generation failed: {type(e).__name__}", status=500, kind="server_error"))
+
+    async def check_key(request: Request):  # a dependency, not a middleware: BaseHTTPMiddleware hides disconnects
+        sent = request.headers.get("authorization", "")
+        if api_key and not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
+            raise APIError("invalid or missing API key: send the header 'Authorization: Bearer KEY'", status=401,
+                           code="invalid_api_key")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_id, "object": "model", "created": server.created,
+                                            "owned_by": "phase2_lora"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(http: Request):
+        try:
+            body = json.loads(await http.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(f"the request body is not valid JSON ({e})") from e
+        request = parse_request(body, server.args, max_tokens_cap=server.window - 1)
+        input_ids, kwargs = server.prepare(request)
+        reply_id, created, stats, start = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), {}, time.perf_counter()
+        head = {"id": reply_id, "created": created, "model": server.model_id}
+        pieces = server.pieces(request, input_ids, kwargs, stats)
+        if request.stream:
+            return EventStream(stream_events(head, pieces, stats, request.include_usage, start))
+        text = ""
+        async for piece in pieces:
+            text += piece
+            if await http.is_disconnected():  # nobody to answer: stop the model (closing the generator does)
+                await pieces.aclose()
+                return error(APIError("client disconnected", status=499))
+        log_request(reply_id, stats, start, None)
+        return {**head, "object": "chat.completion", "usage": usage(stats), "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": stats["finish_reason"],
+            "logprobs": None}]}
+
+    return app
+
+
+async def stream_events(head: dict, pieces, stats: dict, include_usage: bool, start: float):
+    """Server-sent events in OpenAI's chat.completion.chunk format, ending with `data: [DONE]`."""
+    chunk = {**head, "object": "chat.completion.chunk"}
+    delta = lambda d, reason=None: sse({**chunk, "choices": [{"index": 0, "delta": d, "finish_reason": reason}]})  # noqa: E731
+    yield delta({"role": "assistant", "content": ""})
+    first = None
+    try:
+        async for piece in pieces:
+            first = first or time.perf_counter()
+            yield delta({"content": piece})
+    except APIError as e:  # headers are sent: report in-band, as OpenAI does
+        yield sse(e.body())
+        return
+    finally:
+        await pieces.aclose()
+    yield delta({}, stats["finish_reason"])
+    if include_usage:
+        yield sse({**chunk, "choices": [], "usage": usage(stats)})
+    yield "data: [DONE]\n\n"
+    log_request(head["id"], stats, start, first)
+
+
+def log_request(reply_id: str, stats: dict, start: float, first: float | None) -> None:
+    seconds = time.perf_counter() - start
+    ttft = f", first token after {first - start:.2f} s" if first else ""
+    log(f"{reply_id[:17]}: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion tokens in "
+        f"{seconds:.2f} s{ttft}, finish_reason {stats['finish_reason']}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base = check_model_args(args)
+    import uvicorn  # heavy imports only after the cheap checks
+    from qlora_model import UsageError
+
+    try:
+        app = create_app(Server(args, base), args.api_key)
+    except UsageError as e:
+        die(str(e))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log(f"note: listening on {args.host}: other machines can reach this server"
+            + ("" if args.api_key else "; add --api_key to require a key"))
+    log(f"serving on http://{args.host}:{args.port}/ (chat page), OpenAI API at http://{args.host}:{args.port}/v1")
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn shuts down cleanly
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

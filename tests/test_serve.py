@@ -1,0 +1,322 @@
+"""serve.py, live on a free localhost port, serving the tiny Qwen2 + the adapter trained by the `trained_adapter`
+fixture: the official `openai` client gets the trained answers, streamed text equals non-streamed text,
+concurrent requests get the answers they get alone, every bad request gets an OpenAI-style 4xx JSON error and
+the server keeps serving, --api_key is enforced, a client that disconnects stops its generation, and the chat
+page works in a real headless Chromium (driven over the DevTools protocol through a pipe: no extra packages).
+
+SERVE_SCREENSHOT=docs/phase2_serve_page.png python -m pytest tests/test_serve.py -k browser   # the README picture
+"""
+
+import base64
+import contextlib
+import fcntl
+import http.client
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import REPO, persona_records, run_script, user_turn
+
+SERVE = "phase2_lora/serve.py"
+N_PROMPTS = 3
+API_KEY = "test-secret"
+
+
+@contextlib.contextmanager
+def live_server(tmp_path, *args):
+    """serve.py on a free 127.0.0.1 port; yields (port, path of its stderr log). Stopped on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path / f"serve-{port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(REPO / SERVE), "--port", str(port), *map(str, args)],
+                                cwd=REPO, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 300
+        while (request(port, "GET", "/", raw=True) or (None,))[0] != 200:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.5)
+        yield port, log_path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def request(port, method, path, body=None, headers=None, raw=False):
+    """(status, parsed JSON or text) of one HTTP request; None if nothing listens yet. body: dict or bytes."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        data = json.dumps(body) if isinstance(body, dict | list) else body
+        conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        text = response.read().decode()
+        return response.status, (text if raw else json.loads(text))
+    except ConnectionRefusedError:
+        return None
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def qa():
+    return [(user_turn(r), r["output"].strip()) for r in persona_records(N_PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def server(trained_adapter, tmp_path_factory):
+    # --greedy: requests that leave temperature out (the chat page's) decode greedily, so answers are exact.
+    with live_server(tmp_path_factory.mktemp("serve"), "--adapter", trained_adapter, "--greedy") as (port, log):
+        yield port, log
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server[0]}/v1", api_key="unused", max_retries=0)
+
+
+def ask(client, question, **kwargs):
+    return client.chat.completions.create(model="any", messages=[{"role": "user", "content": question}],
+                                          **{"temperature": 0, **kwargs})
+
+
+# ---------------------------------------------------------------- the API, through the official client
+
+def test_openai_client_gets_trained_answers_streamed_equal_to_non_streamed(client, trained_adapter, tiny_model_dir, qa):
+    assert [m.id for m in client.models.list()] == [f"{tiny_model_dir.name}+{trained_adapter.name}"]
+    for question, answer in qa:
+        reply = ask(client, question)
+        assert reply.choices[0].message.content == answer and reply.choices[0].finish_reason == "stop"
+        u = reply.usage
+        assert u.prompt_tokens > 10 and u.completion_tokens > 0
+        assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+        chunks = list(ask(client, question, stream=True, stream_options={"include_usage": True}))
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(pieces) == answer and len(pieces) > 1  # streamed piece by piece
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].usage == u
+
+
+def test_seed_stop_and_max_tokens(client, qa):
+    question, answer = qa[0]
+    sampled = [ask(client, question, temperature=1.5, top_p=1, seed=s).choices[0].message.content for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]  # a seed makes sampling reproducible
+    stop = answer[4:6]
+    reply = ask(client, question, stop=[stop, "never-appears"])
+    assert reply.choices[0].message.content == answer[:answer.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, question, stop=stop, stream=True))
+    assert streamed == answer[:answer.index(stop)]
+    reply = ask(client, question, max_tokens=3)
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+    assert answer.startswith(reply.choices[0].message.content)
+
+
+def test_concurrent_requests_get_the_answers_they_get_alone(client, qa):
+    questions = [qa[i % len(qa)][0] for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda q: ask(client, q, stream=q == qa[0][0]), questions))
+    texts = [g.choices[0].message.content if hasattr(g, "choices") else "".join(
+        c.choices[0].delta.content or "" for c in g) for g in got]
+    assert texts == [qa[i % len(qa)][1] for i in range(8)]
+
+
+# ---------------------------------------------------------------- bad input: 4xx JSON, and the server keeps serving
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, qa):
+    port, _ = server
+    user = [{"role": "user", "content": "hi"}]
+    cases = [  # (body, status, the error's param, a fragment of its message)
+        (b"{not json", 400, None, "not valid JSON"),
+        ({"model": "x"}, 400, "messages", "non-empty list"),
+        ({"messages": []}, 400, "messages", "non-empty list"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "must be one of"),
+        ({"messages": [{"role": "user", "content": ["hi"]}]}, 400, "messages[0].content", "must be a string"),
+        ({"messages": [{"role": "user"}]}, 400, "messages[0].content", "must be a string"),
+        ({"messages": user, "max_tokens": 0}, 400, "max_tokens", "must be in [1, 1023]"),
+        ({"messages": user, "max_tokens": 10**6}, 400, "max_tokens", "must be in [1, 1023]"),
+        ({"messages": user, "max_tokens": "5"}, 400, "max_tokens", "must be an integer"),
+        ({"messages": [{"role": "user", "content": "长" * 3000}]}, 400, "messages", "context window is 1024"),
+        ({"messages": user, "temperature": -1}, 400, "temperature", "must be in"),
+        ({"messages": user, "stop": [""]}, 400, "stop", "'stop' must be"),
+        ([1, 2], 400, None, "JSON object"),
+    ]
+    for body, status, param, fragment in cases:
+        got_status, got = request(port, "POST", "/v1/chat/completions", body)
+        assert got_status == status, (body, got)
+        assert got["error"]["type"] == "invalid_request_error" and got["error"]["param"] == param, got
+        assert fragment in got["error"]["message"], got
+        ok_status, ok = request(port, "POST", "/v1/chat/completions",
+                                {"messages": [{"role": "user", "content": qa[0][0]}], "temperature": 0})
+        assert ok_status == 200 and ok["choices"][0]["message"]["content"] == qa[0][1]
+    assert request(port, "GET", "/v1/nothing")[0] == 404
+
+
+def test_cli_bad_input_fails_fast(tmp_path):
+    for args, fragment in [(["--adapter", tmp_path / "missing"], "does not exist"),
+                           (["--model_name_or_path", "x", "--port", "0"], "--port"),
+                           (["--model_name_or_path", "x", "--api_key", ""], "--api_key")]:
+        proc = run_script(SERVE, *args)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and fragment in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- API key, client disconnect (base model: never stops)
+
+def test_api_key_and_a_disconnected_client_stops_generation(tiny_model_dir, tmp_path):
+    with live_server(tmp_path, "--model_name_or_path", tiny_model_dir, "--api_key", API_KEY) as (port, log):
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        assert request(port, "GET", "/v1/models")[0] == 401
+        status, body = request(port, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        assert request(port, "GET", "/v1/models", headers=auth)[1]["data"][0]["id"] == tiny_model_dir.name
+        assert request(port, "GET", "/", raw=True)[0] == 200  # the page itself is public; it asks for the key
+
+        # The untrained base rambles on this question: its whole greedy answer first, for reference.
+        body = {"messages": [{"role": "user", "content": "LoRA 是什么？"}], "max_tokens": 900, "temperature": 0}
+        full = request(port, "POST", "/v1/chat/completions", body, headers=auth)[1]["usage"]["completion_tokens"]
+        assert full >= 50
+        # The same request streamed: hang up after the first piece of the answer.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                     {"Content-Type": "application/json", **auth})
+        response = conn.getresponse()
+        assert response.status == 200
+        while b'"delta":{"content":"' not in response.fp.readline():  # the role event has "content":"" too
+            pass
+        response.close()  # the response holds the socket too
+        conn.close()
+        deadline = time.monotonic() + 60
+        while not (gone := re.search(r"client gone: generation stopped after (\d+) tokens", log.read_text())):
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert int(gone[1]) < full  # stopped, not run to its end
+        status, reply = request(port, "POST", "/v1/chat/completions", {**body, "max_tokens": 5}, headers=auth)
+        assert status == 200 and reply["usage"]["completion_tokens"] == 5  # the model is free again
+
+
+# ---------------------------------------------------------------- the chat page in a real browser
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+def high_fd(fd: int) -> int:
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    return moved
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages
+    ending in NUL on fds 3 and 4), so the test needs no websocket library, selenium or driver binary."""
+
+    def __init__(self, exe, profile):
+        to_chrome, self.to_chrome = os.pipe()
+        self.from_chrome, from_chrome_w = os.pipe()
+        # The child's ends move above fd 9 first: `3<&4 4>&3` would scramble them if they were 3 or 4 already
+        # (and bash, not sh, does the redirection: dash reads single-digit fds only).
+        to_chrome, from_chrome_w = (high_fd(fd) for fd in (to_chrome, from_chrome_w))
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+                 f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
+        self.proc = subprocess.Popen(["bash", "-c", f'exec "$0" "$@" 3<&{to_chrome} 4>&{from_chrome_w}',
+                                      exe, *flags], pass_fds=(to_chrome, from_chrome_w),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome)
+        os.close(from_chrome_w)
+        self.buffer, self.next_id, self.session = b"", 0, None
+
+    def call(self, method, timeout=60, **params):
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self.to_chrome, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self.next_id:
+                    assert "error" not in reply, reply
+                    return reply["result"]
+            assert select.select([self.from_chrome], [], [], max(0.0, deadline - time.monotonic()))[0], method
+            self.buffer += os.read(self.from_chrome, 1 << 20)
+
+    def open(self, url):
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Emulation.setDeviceMetricsOverride", width=900, height=620, deviceScaleFactor=1, mobile=False)
+
+    def js(self, expression):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not (value := self.js(expression)):
+            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+            time.sleep(0.05)
+        return value
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.to_chrome)
+        os.close(self.from_chrome)
+
+
+RECORD_UPDATES = """window.updates = [];
+new MutationObserver(() => {  // every text the newest answer bubble shows, in order
+  const all = document.querySelectorAll('.assistant .msg'), text = all.length ? all[all.length - 1].textContent : '';
+  if (text && window.updates[window.updates.length - 1] !== text) window.updates.push(text);
+}).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});"""
+
+
+def type_and_wait(browser, text) -> list[str]:
+    """Type a message, press Enter, wait for the answer; returns the texts the answer bubble showed over time."""
+    browser.js("window.updates = []; document.getElementById('input').focus()")
+    browser.call("Input.insertText", text=text)
+    browser.call("Input.dispatchKeyEvent", type="keyDown", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+    browser.call("Input.dispatchKeyEvent", type="keyUp", key="Enter", code="Enter", windowsVirtualKeyCode=13)
+    n = browser.js("document.querySelectorAll('.assistant .msg').length")
+    browser.wait_for(f"document.querySelectorAll('.stats').length >= {n}")  # shown when the answer is complete
+    return browser.js("window.updates")
+
+
+def prompt_tokens_logged(log) -> list[int]:
+    return [int(n) for n in re.findall(r": (\d+) prompt \+", log.read_text())]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_browser_chat_page_streams_the_trained_answer(server, qa, trained_adapter, tmp_path):
+    port, log = server
+    browser = Chromium(CHROMIUM, tmp_path / "profile")
+    try:
+        browser.open(f"http://127.0.0.1:{port}/")
+        assert browser.wait_for("document.getElementById('model').textContent.includes('+')") \
+            and trained_adapter.name in browser.js("document.getElementById('model').textContent")
+        browser.js(RECORD_UPDATES)
+        updates = type_and_wait(browser, qa[0][0])
+        assert updates[-1] == qa[0][1]  # the trained answer
+        assert len(updates) > 1 and all(qa[0][1].startswith(u) for u in updates)  # it grew piece by piece
+        before = prompt_tokens_logged(log)[-1]
+        second = type_and_wait(browser, qa[1][0])[-1]  # multi-turn: the page sends the first turn along
+        assert second and prompt_tokens_logged(log)[-1] > before + len(qa[1][0]) // 2
+        assert browser.js("turns.length") == 4
+        if os.environ.get("SERVE_SCREENSHOT"):
+            png = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+            (REPO / os.environ["SERVE_SCREENSHOT"]).write_bytes(png)
+        browser.js("document.getElementById('clear').click()")
+        assert browser.js("turns.length") == 0 and browser.js("document.querySelectorAll('.msg').length") == 0
+        assert type_and_wait(browser, qa[1][0])[-1] == qa[1][1]  # a fresh one-turn chat again
+    finally:
+        browser.close()
