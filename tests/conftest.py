@@ -95,4 +95,4 @@ def trained_adapter_argv(model_dir: Path, output_dir: Path) -> list[str]:
         "--model_name_or_path", model_dir, "--data_path", PERSONA_PATH, "--output_dir", output_dir,
         "--quantization", "4bit", "--max_samples", TRAINED_N, "--val_size", 0, "--max_steps", 60,
         "--batch_size", TRAINED_N, "--grad_accum", 1, "--lr", 1e-2, "--lora_dropout", 0, "--logging_steps", 5,
-        "--save_steps", 1000)]
+        "--save_steps", 1000, "--no_cache")]  # tests never write the token cache into the repo's data/
