@@ -41,7 +41,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from chunked_loss import IGNORE_INDEX, enable_chunked_loss
+from chunked_loss import enable_chunked_loss
+from finetune_trainer import StopOnCtrlC, TokenStatsTrainer
 from qlora_model import (
     QUANTIZATIONS,
     UsageError,
@@ -52,8 +53,8 @@ from qlora_model import (
     trainable_parameters,
 )
 from run_files import check_output_dir, check_resume_args, save_loss_curve, write_run_args
-from sft_data import DEFAULT_CACHE_DIR, SFTCollator, describe, load_sft_datasets, parse_val_size, real_tokens
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from sft_data import DEFAULT_CACHE_DIR, SFTCollator, describe, load_sft_datasets, parse_val_size
+from transformers import TrainingArguments, set_seed
 
 # peft 0.21 still calls transformers' old gradient-checkpointing names; the warning is not actionable here.
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -157,77 +158,6 @@ def _val_size(text: str):
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-# ---------------------------------------------------------------- the trainer
-
-class TokenStatsTrainer(Trainer):
-    """HF Trainer that accounts per token: counts the real and padded tokens of the training batches, logs
-    tokens/s at every logging step, and reports the eval loss as the mean over all target tokens."""
-
-    real_tokens = padded_tokens = 0
-
-    def train(self, *args, **kwargs):
-        self._since_log = (time.perf_counter(), self.real_tokens)
-        return super().train(*args, **kwargs)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:  # eval batches go through here too; count training only
-            self.real_tokens += real_tokens(inputs)  # plain batches: the attention mask; packed: position ids
-            self.padded_tokens += inputs["input_ids"].numel()
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log line (eval and summary lines have other keys)
-            now, tokens = time.perf_counter(), self.real_tokens
-            then, tokens_then = self._since_log
-            logs["tokens_per_second"] = round((tokens - tokens_then) / max(now - then, 1e-9), 1)
-            self._since_log = (now, tokens)
-        super().log(logs, start_time)
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
-        # The Trainer averages the batches' mean losses (weighted by batch size), so a batch of short answers
-        # counts as much as one of long answers. The eval loss we report is sum(token losses) / n target tokens,
-        # the quantity the training loss estimates; prediction_step below accumulates both sums.
-        start, self._eval_sums = time.perf_counter(), [0.0, 0]
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
-        loss_sum, targets = self._eval_sums
-        output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / targets if targets else float("nan")
-        if hasattr(self, "_since_log"):  # evaluation time is not training time: keep it out of tokens/s
-            then, tokens = self._since_log
-            self._since_log = (then + time.perf_counter() - start, tokens)
-        return output
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        targets = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())  # position t predicts labels[t + 1]
-        if loss is not None and targets:
-            self._eval_sums[0] += float(loss) * targets  # the batch's loss is its mean over these targets
-            self._eval_sums[1] += targets
-        return loss, logits, labels
-
-
-class StopOnCtrlC(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        def handler(signum, frame):
-            self.requested = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C raises KeyboardInterrupt
-            print("\nCtrl-C: saving a checkpoint after this step (press again to abort without saving)",
-                  file=sys.stderr)
-        signal.signal(signal.SIGINT, handler)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
-            control.should_save = control.should_training_stop = True
-        return control
-
-
 # ---------------------------------------------------------------- the steps of a run
 
 def check_one_process_one_gpu() -> None:
@@ -326,7 +256,7 @@ def build_trainer(args, model, tokenizer, train_ds, val_ds) -> TokenStatsTrainer
         seed=args.seed,
         dataloader_num_workers=0,                          # tokenised already: nothing to parallelise
         dataloader_pin_memory=cuda,
-        disable_tqdm=False,
+        disable_tqdm=not sys.stderr.isatty(),             # in a log file: one line per logging step, no bars
     )
     return TokenStatsTrainer(
         model=model, args=training_args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
