@@ -10,14 +10,21 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import atexit  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The fine-tuning scripts cache tokenised data in data/cache/ by default; tests keep that cache out of the repo.
+TOKEN_CACHE_SCRIPTS = ("phase2_lora/finetune.py", "phase3_ddp/finetune_ddp.py")
+TOKEN_CACHE_DIR = Path(tempfile.mkdtemp(prefix="test-sft-cache-"))
+atexit.register(shutil.rmtree, TOKEN_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,8 +41,12 @@ def pytest_collection_modifyitems(config, items):
 
 def run_script(script: str, *args, timeout: float = 600, env: dict | None = None,
                input: str | None = None) -> subprocess.CompletedProcess:
-    """Run `python <script> <args>` from the repo root; returns the finished process (text mode)."""
-    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    """Run `python <script> <args>` from the repo root; returns the finished process (text mode).
+    The fine-tuning scripts get a temporary --cache_dir unless the test chooses its own cache flags."""
+    args = [str(a) for a in args]
+    if script in TOKEN_CACHE_SCRIPTS and not {"--cache_dir", "--no_cache"} & set(args):
+        args += ["--cache_dir", str(TOKEN_CACHE_DIR)]
+    cmd = [sys.executable, str(REPO / script), *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           input=input, env={**os.environ, **(env or {})})
 
@@ -95,4 +106,4 @@ def trained_adapter_argv(model_dir: Path, output_dir: Path) -> list[str]:
         "--model_name_or_path", model_dir, "--data_path", PERSONA_PATH, "--output_dir", output_dir,
         "--quantization", "4bit", "--max_samples", TRAINED_N, "--val_size", 0, "--max_steps", 60,
         "--batch_size", TRAINED_N, "--grad_accum", 1, "--lr", 1e-2, "--lora_dropout", 0, "--logging_steps", 5,
-        "--save_steps", 1000, "--no_cache")]  # tests never write the token cache into the repo's data/
+        "--save_steps", 1000, "--no_cache")]

@@ -118,7 +118,8 @@ def test_eval_loss_is_the_mean_over_target_tokens(trained_adapter, tiny_model_di
     short = {"instruction": "Say one word.", "input": "", "output": "ok"}
     data = write_json(tmp_path / "eval.json", [persona_records(1)[0], short])
     args = finetune.parse_args(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(data),
-                                "--output_dir", str(tmp_path / "out"), "--val_size", "0", "--batch_size", "1"])
+                                "--output_dir", str(tmp_path / "out"), "--val_size", "0", "--batch_size", "1",
+                                "--no_cache"])
     tokenizer, dataset, _, _ = finetune.load_data(args)
     model = PeftModel.from_pretrained(load_model(tiny_model_dir, "4bit"), trained_adapter)
     finetune.enable_chunked_loss(model, in_eval=True)
@@ -176,7 +177,8 @@ def test_tensorboard_and_the_knobs(tiny_model_dir, tmp_path):
 def test_weight_decay_and_clipping_reach_the_trainer(tiny_model_dir, tmp_path):
     args = finetune.parse_args(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(PERSONA_PATH),
                                 "--output_dir", str(tmp_path / "out"), "--max_samples", "4", "--val_size", "0",
-                                "--weight_decay", "0.1", "--max_grad_norm", "0.5", "--lr_scheduler", "linear"])
+                                "--weight_decay", "0.1", "--max_grad_norm", "0.5", "--lr_scheduler", "linear",
+                                "--no_cache"])
     tokenizer, dataset, _, _ = finetune.load_data(args)
     model, _, _ = finetune.build_model(args)
     trainer = finetune.build_trainer(args, model, tokenizer, dataset, None)
