@@ -294,7 +294,8 @@ def run_recipes(args, config, device: torch.device) -> list[dict]:
     recipes = [name for name in RECIPES if name in args.recipes]
     with tempfile.TemporaryDirectory() as tmp:
         save_random_model(config, Path(tmp), device)
-        bar = tqdm(total=len(recipes) * len(args.seq_lens) * len(args.batch_sizes), desc="benchmark")
+        bar = tqdm(total=len(recipes) * len(args.seq_lens) * len(args.batch_sizes), desc="benchmark",
+                   disable=not sys.stderr.isatty())  # in a log file: the table is the progress
         for name in recipes:
             flags = {**recipe_flags(name), "chunk_size": args.chunk_size}
             torch.manual_seed(args.seed)

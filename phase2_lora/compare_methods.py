@@ -172,7 +172,7 @@ def run_method(name: str, args, tokenizer, train_ds, val_ds) -> dict:
 
     def train_steps(n: int) -> float:
         start = time.perf_counter()
-        for _ in tqdm(range(n), desc=name, leave=False):
+        for _ in tqdm(range(n), desc=name, leave=False, disable=not sys.stderr.isatty()):
             loss = loss_of(model, next(stream))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -245,7 +245,7 @@ def run(args, model_dir: str | None) -> int:
     print(f"{args.model_name_or_path}: {stats['train']} train / {stats['val']} val examples, {args.steps} steps of "
           f"batch {args.batch_size} per method, exact match on {min(args.em_prompts, len(train_ds))} training prompts")
     rows = [run_method(name, args, tokenizer, train_ds, val_ds)
-            for name in tqdm(args.methods, desc="methods")]
+            for name in tqdm(args.methods, desc="methods", disable=not sys.stderr.isatty())]
 
     cuda = torch.cuda.is_available()
     where = torch.cuda.get_device_name(0) if cuda else "CPU"

@@ -55,6 +55,7 @@ from qlora_model import (
 from run_files import check_output_dir, check_resume_args, save_loss_curve, write_run_args
 from sft_data import DEFAULT_CACHE_DIR, SFTCollator, describe, load_sft_datasets, parse_val_size
 from transformers import TrainingArguments, set_seed
+from transformers.utils import logging as hf_logging
 
 # peft 0.21 still calls transformers' old gradient-checkpointing names; the warning is not actionable here.
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -351,6 +352,8 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not sys.stderr.isatty():  # in a log file: no carriage-return bars (weight loading); the Trainer logs lines
+        hf_logging.disable_progress_bar()
     try:
         return run(args)
     except UsageError as e:

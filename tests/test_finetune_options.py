@@ -4,6 +4,7 @@ per-step logging, TensorBoard and the optimisation knobs."""
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -163,6 +164,8 @@ def test_tensorboard_and_the_knobs(tiny_model_dir, tmp_path):
                       "--report_to", "tensorboard", "--lr_scheduler", "constant", "--warmup_ratio", 0,
                       "--weight_decay", 0.1, "--max_grad_norm", 0.5, "--target_modules", "q_proj", "v_proj")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Piped into a log: plain lines, no tqdm bars (weight loading, tokenising, training steps).
+    assert not re.search(r"\d+%\|", proc.stdout + proc.stderr), proc.stderr[-2000:]
     (run_dir,) = {events.parent for events in (out / "runs").glob("*/events.out.tfevents.*")}
     scalars = EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
     assert {"train/loss", "train/learning_rate", "train/tokens_per_second", "eval/loss"} <= set(scalars)
