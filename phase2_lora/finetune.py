@@ -52,7 +52,7 @@ from qlora_model import (
     load_tokenizer,
     trainable_parameters,
 )
-from run_files import check_output_dir, check_resume_args, save_loss_curve, write_run_args
+from run_files import check_output_dir, check_resume_args, data_fingerprint, save_loss_curve, write_run_args
 from sft_data import DEFAULT_CACHE_DIR, SFTCollator, describe, load_sft_datasets, parse_val_size
 from transformers import TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
@@ -63,7 +63,8 @@ warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprec
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
 # Flags that define what the saved checkpoints are (data, model shape, optimisation): --resume refuses to
 # change them. How long to train (--max_steps, --epochs), logging and saving may change.
-RESUME_KEYS = ("data_path", "max_samples", "val_size", "system", "max_seq_len", "train_on_prompt", "packing",
+RESUME_KEYS = ("data_path", "data_sha256", "max_samples", "val_size", "system", "max_seq_len", "train_on_prompt",
+               "packing",
                "seed", "quantization",
                "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "lr_scheduler", "warmup_ratio",
                "weight_decay", "max_grad_norm", "batch_size", "grad_accum")
@@ -178,8 +179,9 @@ def check_one_process_one_gpu() -> None:
 
 def run_args_dict(args) -> dict:
     """The run's settings as recorded in run_args.json; data paths resolved, so --resume from another
-    working directory still compares the same files."""
-    return {**vars(args), "data_path": [str(Path(p).resolve()) for p in args.data_path]}
+    working directory still compares the same files, and their content's hash, so an edited file counts as new."""
+    return {**vars(args), "data_path": [str(Path(p).resolve()) for p in args.data_path],
+            "data_sha256": data_fingerprint(args.data_path)}
 
 
 def prepare_output_dir(args) -> Path | None:

@@ -9,6 +9,7 @@ so nothing here knows either trainer or either argument parser: callers pass pla
     loss_curve.png          training (and eval) loss per optimizer step
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -101,6 +102,20 @@ def check_resume_args(output_dir: Path, args: dict, keys) -> None:
     if changed:
         raise UsageError(f"--resume with settings that differ from the checkpoints' ({path}): {'; '.join(changed)}. "
                          f"Resume with the old values, or choose another --output_dir")
+
+
+def data_fingerprint(paths) -> str:
+    """SHA-256 (first 16 hex digits) over the data files' bytes, in order. --resume compares it: a data file edited
+    in place is a different data set, which comparing paths alone would not notice."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"data file not found: {path} (download it as described in data/README.md, "
+                             f"or pass another --data_path)")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):  # 1 MiB at a time: the 52k-record file is 22 MB
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _comparable(value):

@@ -23,7 +23,7 @@ from chunked_loss import enable_chunked_loss
 from ddp_checkpoint import restore_checkpoint, save_checkpoint, save_final
 from ddp_data import LengthGroupedDistributedSampler, load_on_rank0_first
 from qlora_model import UsageError, add_lora, compute_dtype, load_model, load_tokenizer, trainable_parameters
-from run_files import check_output_dir, check_resume_args, write_run_args
+from run_files import check_output_dir, check_resume_args, data_fingerprint, write_run_args
 from sft_data import IGNORE_INDEX, SFTCollator, describe, load_sft_datasets, parse_val_size, real_tokens
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -33,10 +33,13 @@ from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
 # Flags that define what the checkpoints are (data, model shape, optimisation): --resume refuses to change them
-# (phase 2's list, plus the optimizer, whose state format differs). How long to train, logging and saving may change.
-RESUME_KEYS = ("data_path", "max_samples", "val_size", "system", "max_seq_len", "train_on_prompt", "packing",
+# (phase 2's list, plus the optimizer, whose state format differs, and the global batch, which the number of ranks
+# changes). How long to train, logging and saving may change.
+RESUME_KEYS = ("data_path", "data_sha256", "max_samples", "val_size", "system", "max_seq_len", "train_on_prompt",
+               "packing",
                "seed", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
-               "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "optim")
+               "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "optim",
+               "global_batch")
 IS_RANK0 = int(os.environ.get("RANK", 0)) == 0  # set by torchrun; plain python is rank 0 of 1
 RESTART_COUNT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # > 0: torchrun restarted us after a failure
 # Progress bars only for a person watching a terminal; logs (a pipe, `> train.log`) get plain lines instead.
@@ -75,8 +78,12 @@ def check_run(args) -> Path | None:
 
 def run_args_dict(args) -> dict:
     """The settings recorded in run_args.json; data paths resolved, so a resume from another working directory
-    compares the same files."""
-    return {**vars(args), "data_path": [str(Path(p).resolve()) for p in args.data_path]}
+    compares the same files, and their content's hash, so an edited file counts as new. The global batch is
+    recorded too: resuming on another number of ranks would change it."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # the global batch, hence the run, depends on it
+    return {**vars(args), "data_path": [str(Path(p).resolve()) for p in args.data_path],
+            "data_sha256": data_fingerprint(args.data_path),
+            "global_batch": args.batch_size * args.grad_accum * world_size}
 
 
 # ---------------------------------------------------------------- the steps of the recipe

@@ -11,6 +11,7 @@ from qlora_model import UsageError  # noqa: E402
 from run_files import (  # noqa: E402
     check_output_dir,
     check_resume_args,
+    data_fingerprint,
     latest_checkpoint,
     save_loss_curve,
     write_run_args,
@@ -87,3 +88,20 @@ def test_save_loss_curve_writes_a_png(tmp_path):
     save_loss_curve([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 2, "eval_loss": 1.5}], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["loss_curve.png"]  # no temp file left behind
+
+
+def test_an_edited_data_file_is_a_different_data_set(tmp_path):
+    """--resume compares the data files' content, not just their paths (both phases record data_sha256)."""
+    data = write_json(tmp_path / "a.json", [{"instruction": "hi", "output": "hello"}])
+    before = data_fingerprint([data])
+    assert data_fingerprint([data]) == before and len(before) == 16
+    write_json(data, [{"instruction": "hi", "output": "hello!"}])  # same path, one byte more
+    assert data_fingerprint([data]) != before
+    write_run_args(tmp_path / "run", {"data_path": [str(data)], "data_sha256": before})
+    with pytest.raises(UsageError, match="--data_sha256 .* -> "):
+        check_resume_args(tmp_path / "run", {"data_path": [str(data)], "data_sha256": data_fingerprint([data])},
+                          ["data_path", "data_sha256"])
+    with pytest.raises(UsageError, match="data file not found"):
+        data_fingerprint([tmp_path / "missing.json"])
+    import finetune
+    assert "data_sha256" in finetune.RESUME_KEYS
