@@ -70,8 +70,16 @@ RESUME_KEYS = ("data_path", "data_sha256", "max_samples", "val_size", "system", 
                "weight_decay", "max_grad_norm", "batch_size", "grad_accum")
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """A bad flag value gets one line, `error: ... (see --help)`, and exit 2, like every other bad input."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name_or_path", default="Qwen/Qwen1.5-1.8B-Chat",
                    help="hub id or local directory of a causal LM with a chat template (Qwen2 architecture tested)")
