@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for path in args.data_path:
         if not path.is_file():
             die(f"--data_path {path} does not exist or is not a file")
+    if args.output is not None and not args.output.parent.is_dir():  # checked now, not after the evaluation
+        die(f"--output {args.output}: folder {args.output.parent} does not exist; create it or pass another path")
     if (args.max_samples is not None and args.max_samples < 1) or args.max_seq_len < 2:
         die("need --max_samples >= 1 and --max_seq_len >= 2")
     args.greedy = True  # exact match is about the model's best answer, not a sample

@@ -3,7 +3,7 @@ has the lower loss and answers every one exactly, the base none; JSON and Markdo
 
 import json
 
-from conftest import persona_records, run_script, write_json
+from conftest import PERSONA_PATH, persona_records, run_script, write_json
 
 EVALUATE = "phase2_lora/evaluate.py"
 
@@ -27,6 +27,8 @@ def test_adapter_beats_base_on_its_training_records(trained_adapter, tmp_path):
 def test_bad_input(trained_adapter, tmp_path):
     missing = tmp_path / "missing.json"
     for args, fragment in [(["--data_path", missing], "--adapter"),
-                           (["--adapter", trained_adapter, "--data_path", missing], "does not exist")]:
+                           (["--adapter", trained_adapter, "--data_path", missing], "does not exist"),
+                           (["--adapter", trained_adapter, "--data_path", PERSONA_PATH, "--output",
+                             tmp_path / "no" / "such" / "eval.json"], "folder")]:
         proc = run_script(EVALUATE, *args)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and fragment in proc.stderr, proc.stderr
