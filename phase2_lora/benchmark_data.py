@@ -58,7 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cache mode: >1 runs torchrun --nproc_per_node N phase3_ddp/finetune_ddp.py --device cpu")
     p.add_argument("--work_dir", type=Path, default=None, help="keep the data, model and cache here (default: temp)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    counts = {"--max_seq_len": args.max_seq_len, "--batch_size": args.batch_size, "--steps": args.steps,
+              "--nproc": args.nproc, "--records": 1 if args.records is None else args.records}
+    if bad := [f"{flag} {value}" for flag, value in counts.items() if value < 1]:
+        p.error(f"{', '.join(bad)}: each must be a whole number >= 1")
+    return args
 
 
 # ---------------------------------------------------------------- data with realistic lengths

@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.batch_size, args.answer_words, args.steps, *args.nprocs) < 1 or args.warmup < 0:
         p.error("--batch_size, --answer_words, --steps and --nprocs must be >= 1, --warmup >= 0")
+    if args.vocab_size < 2:
+        p.error(f"--vocab_size must be >= 2, got {args.vocab_size}")
     args.nprocs = sorted(set(args.nprocs))  # the smallest run is the baseline of the efficiency ratio
     return args
 
