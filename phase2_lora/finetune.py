@@ -34,6 +34,7 @@ def pin_one_gpu(environ) -> str:
 if __name__ == "__main__":  # as a script: pin before the imports below can initialise CUDA
     pin_one_gpu(os.environ)
 
+import importlib.util
 import json
 import signal
 import time
@@ -194,6 +195,8 @@ def run_args_dict(args) -> dict:
 
 def prepare_output_dir(args) -> Path | None:
     """Checks before any heavy work, so a mistake costs seconds; returns the checkpoint to resume from."""
+    if args.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
     resume_from = check_output_dir(args.output_dir, args.model_name_or_path, args.resume)
     if resume_from:
         check_resume_args(args.output_dir, run_args_dict(args), RESUME_KEYS)

@@ -209,3 +209,12 @@ def test_bad_knob_values_are_refused_by_the_parser(flag, value, capsys):
         finetune.parse_args([flag, value])
     (line,) = capsys.readouterr().err.strip().splitlines()  # one line, no usage block
     assert e.value.code == 2 and line.startswith(f"error: argument {flag}") and line.endswith("(see --help)")
+
+
+def test_tensorboard_missing_is_refused_before_any_work(monkeypatch, tmp_path):
+    find_spec = finetune.importlib.util.find_spec
+    monkeypatch.setattr(finetune.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    args = finetune.parse_args(["--output_dir", str(tmp_path / "out"), "--report_to", "tensorboard"])
+    with pytest.raises(UsageError, match="pip install tensorboard"):
+        finetune.prepare_output_dir(args)
