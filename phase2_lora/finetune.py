@@ -231,10 +231,22 @@ def build_model(args):
     return model, trainable, total
 
 
+def precision_and_optimizer(cuda: bool, dtype: torch.dtype) -> dict:
+    """The Trainer's mixed-precision and optimizer flags for the compute dtype qlora_model chose."""
+    return dict(
+        # Paged 8-bit AdamW: Adam's two moments in 8 bits (4x smaller) and in CUDA unified memory, so
+        # memory spikes page them to CPU RAM instead of crashing. bitsandbytes pages only on CUDA.
+        optim="paged_adamw_8bit" if cuda else "adamw_torch",
+        # Autocast the LoRA/non-quantised math in the base's dtype. fp16 (GPUs before compute capability 8.0)
+        # also gets the Trainer's GradScaler, which needs the trainable weights in fp32 (add_lora sees to it).
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+    )
+
+
 def build_trainer(args, model, tokenizer, train_ds, val_ds) -> TokenStatsTrainer:
     """The HF Trainer with the 8 GB recipe. Anything not set here is a Trainer default."""
     cuda = torch.cuda.is_available()
-    dtype = compute_dtype()
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         num_train_epochs=args.epochs,
@@ -247,13 +259,7 @@ def build_trainer(args, model, tokenizer, train_ds, val_ds) -> TokenStatsTrainer
         warmup_steps=args.warmup_ratio,                   # a float < 1 is read as a fraction of all steps
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,                 # 0: no clipping
-        # Paged 8-bit AdamW: Adam's two moments in 8 bits (4x smaller) and in CUDA unified memory, so
-        # memory spikes page them to CPU RAM instead of crashing. bitsandbytes pages only on CUDA.
-        optim="paged_adamw_8bit" if cuda else "adamw_torch",
-        # Autocast the LoRA/non-quantised math in the base's dtype. fp16 (GPUs before compute capability 8.0)
-        # also gets the Trainer's GradScaler, which needs the trainable weights in fp32 (add_lora sees to it).
-        bf16=cuda and dtype == torch.bfloat16,
-        fp16=cuda and dtype == torch.float16,
+        **precision_and_optimizer(cuda, compute_dtype()),
         logging_steps=args.logging_steps,
         logging_first_step=True,
         report_to=args.report_to,                         # tensorboard: event files in <output_dir>/runs/

@@ -90,6 +90,11 @@ def test_bf16_only_from_compute_capability_8(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 or V100 says too
     assert compute_dtype("cuda") == expected
     assert compute_dtype("cpu") == torch.float32
+    # ... and the Trainer gets the matching flags: fp16 turns on its GradScaler, bf16 needs none.
+    assert finetune.precision_and_optimizer(True, compute_dtype("cuda")) == {
+        "optim": "paged_adamw_8bit", "bf16": expected == torch.bfloat16, "fp16": expected == torch.float16}
+    assert finetune.precision_and_optimizer(False, torch.float32) == {"optim": "adamw_torch", "bf16": False,
+                                                                      "fp16": False}
 
 
 def test_an_fp16_base_trains_with_a_grad_scaler(tiny_model_dir):
