@@ -19,7 +19,7 @@ sys.path.insert(0, {folder!r})
 from argparse import Namespace
 from safetensors.torch import save_file
 args = Namespace(model_name_or_path={model!r}, quantization="4bit", trust_remote_code=False, lora_r=8,
-                 lora_alpha=16, lora_dropout=0.0, target_modules=["all-linear"], seed=42)
+                 lora_alpha=16, lora_dropout=0.0, target_modules={target_modules!r}, seed=42)
 torch.manual_seed(42)  # what each script does before building: the same LoRA A init
 {build}
 torch.manual_seed(1)  # B starts at 0 (so A would get no gradient): give both the same non-zero B
@@ -36,7 +36,8 @@ save_file({{"loss": loss.detach().float().reshape(1), **grads}}, {out!r})
 """
 
 
-def test_both_phases_build_the_same_model_and_loss(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("target_modules", [["all-linear"], ["q_proj", "v_proj"]])
+def test_both_phases_build_the_same_model_and_loss(tiny_model_dir, tmp_path, target_modules):
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(5, 300, (2, 24), generator=g)               # (B, T)
     attention_mask = torch.ones_like(input_ids)
@@ -49,7 +50,8 @@ def test_both_phases_build_the_same_model_and_loss(tiny_model_dir, tmp_path):
         probe = tmp_path / f"probe_{folder}.py"
         out = tmp_path / f"{folder}.safetensors"
         probe.write_text(PROBE.format(folder=str(REPO / folder), model=str(tiny_model_dir), build=build,
-                                      batch=str(tmp_path / "batch.pt"), num_items=num_items, out=str(out)))
+                                      batch=str(tmp_path / "batch.pt"), num_items=num_items, out=str(out),
+                                      target_modules=target_modules))
         proc = run_script(probe, timeout=300, env={"OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[folder] = load_file(out)
@@ -59,3 +61,6 @@ def test_both_phases_build_the_same_model_and_loss(tiny_model_dir, tmp_path):
     for name in p2:
         assert p2[name].abs().max() > 0, name  # every LoRA matrix gets a gradient ...
         torch.testing.assert_close(p3[name], p2[name], rtol=1e-5, atol=1e-7)  # ... the same in both phases
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in p2 if "lora_" in name}
+    assert adapted == ({"q_proj", "v_proj"} if target_modules != ["all-linear"] else
+                       {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
