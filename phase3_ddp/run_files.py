@@ -87,6 +87,12 @@ def write_run_args(output_dir: Path, args: dict) -> Path:
     return path
 
 
+# Settings recorded beside the flags, derived from them and from the environment. A changed flag that explains
+# them is named instead (a new --data_path changes the hash, a new --batch_size the global batch).
+DERIVED_SETTINGS = {"data_sha256": "the content of the --data_path files (sha256)",
+                    "global_batch": "the global batch (batch_size x grad_accum x ranks)"}
+
+
 def check_resume_args(output_dir: Path, args: dict, keys) -> None:
     """Raise UsageError when resuming would train the saved checkpoints on different settings: every key in
     `keys` (flag names without the dashes) whose value in args differs from the one recorded in run_args.json
@@ -97,8 +103,10 @@ def check_resume_args(output_dir: Path, args: dict, keys) -> None:
         print(f"--resume: {path} not found; cannot check that the settings match the checkpoints")
         return
     old = read_json(path, "run_args.json")
-    changed = [f"--{k} {_show(old[k])} -> {_show(args.get(k))}" for k in keys
-               if k in old and _comparable(old[k]) != _comparable(args.get(k))]
+    differ = [k for k in keys if k in old and _comparable(old[k]) != _comparable(args.get(k))]
+    changed = [f"--{k} {_show(old[k])} -> {_show(args.get(k))}" for k in differ if k not in DERIVED_SETTINGS]
+    if not changed:  # no flag changed, yet the data files' content or the number of ranks did
+        changed = [f"{DERIVED_SETTINGS[k]} {_show(old[k])} -> {_show(args.get(k))}" for k in differ]
     if changed:
         raise UsageError(f"--resume with settings that differ from the checkpoints' ({path}): {'; '.join(changed)}. "
                          f"Resume with the old values, or choose another --output_dir")

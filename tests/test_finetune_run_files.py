@@ -98,9 +98,13 @@ def test_an_edited_data_file_is_a_different_data_set(tmp_path):
     write_json(data, [{"instruction": "hi", "output": "hello!"}])  # same path, one byte more
     assert data_fingerprint([data]) != before
     write_run_args(tmp_path / "run", {"data_path": [str(data)], "data_sha256": before})
-    with pytest.raises(UsageError, match="--data_sha256 .* -> "):
+    with pytest.raises(UsageError, match=r"content of the --data_path files \(sha256\) \w+ -> \w+"):
         check_resume_args(tmp_path / "run", {"data_path": [str(data)], "data_sha256": data_fingerprint([data])},
                           ["data_path", "data_sha256"])
+    with pytest.raises(UsageError) as e:  # a changed flag explains the new hash: only the flag is named
+        check_resume_args(tmp_path / "run", {"data_path": ["b.json"], "data_sha256": "0" * 16},
+                          ["data_path", "data_sha256"])
+    assert "--data_path" in str(e.value) and "sha256" not in str(e.value)
     with pytest.raises(UsageError, match="data file not found"):
         data_fingerprint([tmp_path / "missing.json"])
     import finetune
