@@ -153,12 +153,17 @@ def check_model_args(args) -> str:
             die(f"--{name} must be >= 1")
     if not args.greedy and (not args.temperature > 0 or not 0 < args.top_p <= 1):
         die("need --temperature > 0 and 0 < --top_p <= 1 (for deterministic answers use --greedy)")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:  # also catches nan
+        die(f"--repetition_penalty must be > 0 (1.0: none, above 1 discourages repeats), got "
+            f"{args.repetition_penalty}")
     return base
 
 
 def check_args(args) -> str:
     """Validate flags and paths (milliseconds) before torch/transformers/peft load (seconds). Returns the base."""
     base = check_model_args(args)
+    if not 0 <= args.seed < 2**32:  # numpy's seed range; transformers' set_seed seeds numpy too
+        die(f"--seed must be in 0..{2**32 - 1}, got {args.seed}")
     if (args.compare or args.merge_to) and args.adapter is None:
         die(f"--{'compare' if args.compare else 'merge_to'} needs --adapter")
     if args.merge_to is not None:

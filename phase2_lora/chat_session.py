@@ -6,6 +6,7 @@ into a standalone model.
 
 import os
 import shutil
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -15,6 +16,10 @@ import torch
 from peft import PeftModel
 from qlora_model import UsageError, load_model, load_model_and_tokenizer, load_tokenizer
 from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
+from transformers.utils import logging as hf_logging
+
+if not sys.stderr.isatty():  # a log file: no "Loading weights" carriage-return bars in it
+    hf_logging.disable_progress_bar()
 
 
 def load_chat_model(base: str, adapter: Path | None, quantization: str, trust_remote_code: bool = False):
@@ -227,10 +232,10 @@ def generation_kwargs(max_new_tokens: int, stop_ids: list[int], pad_id: int | No
               "pad_token_id": pad_id if pad_id is not None else stop_ids[0], "use_cache": True}
     if greedy:
         kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=50,
-                      repetition_penalty=repetition_penalty or 1.0)
+                      repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty)
     else:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                      repetition_penalty=repetition_penalty or 1.05)
+                      repetition_penalty=1.05 if repetition_penalty is None else repetition_penalty)
     return kwargs
 
 

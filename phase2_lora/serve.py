@@ -11,15 +11,20 @@
 Model flags are chat.py's, and so is the generation code (chat_session.Generation): the model's own chat
 template, stopping at its end-of-turn token. Requests without a system message get --system (default: the one
 the adapter was trained with). One generation runs at a time; the others wait in arrival order. A client that
-disconnects stops its generation. Bad requests get OpenAI-style JSON errors with a 4xx status.
+disconnects stops its generation. Bad requests get OpenAI-style JSON errors with a 4xx status; POST bodies must
+be application/json (415 otherwise: a page on another site cannot send that without asking) of at most 2 MiB
+(413). The port is opened before the model loads, so a port in use fails at once.
 """
 
 import argparse
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
+import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ from chat import add_model_flags, check_model_args, die, log
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_BODY = 2 << 20  # bytes per request: 32k tokens of history is ~300 kB even as \u-escaped JSON
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 
 
@@ -48,6 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.api_key is not None and not args.api_key.strip():
         die("--api_key must not be empty")
     return args
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, opened before the model loads: a port in use costs milliseconds, not a model load."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            die(f"port {port} on {host} is in use; pass --port")
+        die(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host")
 
 
 # ---------------------------------------------------------------- requests: validated before the model runs
@@ -119,22 +135,26 @@ def parse_request(body, args, max_tokens_cap: int) -> ChatRequest:
     if not isinstance(body.get("stream", False), bool):
         raise APIError("'stream' must be true or false", "stream")
     options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise APIError("'stream_options' must be an object such as {\"include_usage\": true}", "stream_options")
     return ChatRequest(messages, max_tokens, temperature=number(body, "temperature", 0.0 if args.greedy else
                                                                 args.temperature, 0, 2),
                        top_p=number(body, "top_p", args.top_p, 0, 1, lo_open=True), stop=tuple(stop),
-                       seed=number(body, "seed", None, -2**63, 2**63 - 1, integer=True),
+                       seed=number(body, "seed", None, 0, 2**32 - 1, integer=True),  # numpy's range
                        stream=body.get("stream", False), include_usage=bool(options.get("include_usage")))
 
 
 # ---------------------------------------------------------------- the model side
 
 class Server:
-    """The loaded model and what every request needs; one generation at a time (an asyncio.Lock, FIFO)."""
+    """The loaded model and what every request needs; one generation at a time (an asyncio.Lock, FIFO).
+    `running` counts the generations running in worker threads, so tests can check that it never exceeds 1."""
 
     def __init__(self, args, base: str):
         from chat_session import load_for_chat
 
         self.args, self.lock = args, asyncio.Lock()
+        self.running, self.count_lock = 0, threading.Lock()
         self.model, self.tokenizer, self.window, self.stop_ids = load_for_chat(args, base, log=log)
         base_name = Path(base).name if Path(base).expanduser().is_dir() else base
         self.model_id = base_name + (f"+{args.adapter.name}" if args.adapter else "")
@@ -166,25 +186,32 @@ class Server:
         stops the model after its next token. Fills `stats` (usage, finish_reason) at the end."""
         from chat_session import Generation
 
-        await self.lock.acquire()
         loop, queue, done = asyncio.get_running_loop(), asyncio.Queue(), object()
-        generation = Generation(self.model, self.tokenizer, input_ids, kwargs, seed=request.seed, stop=request.stop)
+        generation = worker = None
 
         def pump():
+            with self.count_lock:
+                self.running += 1
+                stats["running"] = self.running  # 1 unless the lock failed
             try:
                 for piece in generation:
                     loop.call_soon_threadsafe(queue.put_nowait, piece)
             except BaseException as e:  # noqa: BLE001  (handed to the event loop, raised there)
                 loop.call_soon_threadsafe(queue.put_nowait, e)
+            with self.count_lock:
+                self.running -= 1
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
         def release(_):  # only once the model has really stopped: then the next request may use it
-            if generation.finish_reason is None and generation.error is None:
+            if generation is not None and generation.finish_reason is None and generation.error is None:
                 log(f"client gone: generation stopped after {generation.completion_tokens} tokens")
             self.lock.release()
 
-        worker = loop.run_in_executor(None, pump)
+        await self.lock.acquire()  # cancelled while waiting: not acquired; from here on the finally releases it
         try:
+            generation = Generation(self.model, self.tokenizer, input_ids, kwargs, seed=request.seed,
+                                    stop=request.stop)
+            worker = loop.run_in_executor(None, pump)
             while (item := await queue.get()) is not done:
                 if isinstance(item, BaseException):  # e.g. CUDA out of memory: one log line, a JSON 500
                     log(f"error: generation failed: {type(item).__name__}: {item}")
@@ -194,8 +221,11 @@ class Server:
             stats.update(finish_reason=generation.finish_reason, prompt_tokens=generation.prompt_tokens,
                          completion_tokens=generation.completion_tokens)
         finally:  # no await here: a cancelled task (client gone) could be interrupted again at any await
-            generation.cancel()  # a no-op once finished
-            worker.add_done_callback(release)
+            if worker is None:  # Generation() itself failed: no model running
+                release(None)
+            else:
+                generation.cancel()  # a no-op once finished
+                worker.add_done_callback(release)
 
 
 # ---------------------------------------------------------------- the HTTP app
@@ -209,9 +239,65 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def error_response(e: APIError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def api_error(request, e: APIError):
+    return error_response(e)
+
+
+async def http_error(request, e):  # 404, 405: the same JSON shape
+    return error_response(APIError(str(e.detail), status=e.status_code))
+
+
+async def server_error(request, e: Exception):
+    log(f"error: {type(e).__name__}: {e}")  # one line; the client gets JSON, never a traceback
+    return error_response(APIError(f"generation failed: {type(e).__name__}", status=500, kind="server_error"))
+
+
+async def read_json(http):
+    """The request body, parsed. Only application/json: a web page on another site can POST text/plain to
+    localhost without asking (no CORS preflight), but not application/json."""
+    kind = http.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(f"Content-Type must be application/json, got {kind or 'none'}", status=415)
+    body = bytearray()
+    async for chunk in http.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise APIError(f"the request body exceeds {MAX_BODY} bytes", status=413)
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." nested too deep
+        raise APIError(f"the request body is not valid JSON ({e})") from e
+
+
+async def chat_completions(server: Server, http, event_stream):
+    request = parse_request(await read_json(http), server.args, max_tokens_cap=server.window - 1)
+    input_ids, kwargs = server.prepare(request)
+    reply_id, created, stats, start = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), {}, time.perf_counter()
+    head = {"id": reply_id, "created": created, "model": server.model_id}
+    pieces = server.pieces(request, input_ids, kwargs, stats)
+    if request.stream:
+        return event_stream(stream_events(head, pieces, stats, request.include_usage, start))
+    text = ""
+    async for piece in pieces:
+        text += piece
+        if await http.is_disconnected():  # nobody to answer: stop the model (closing the generator does)
+            await pieces.aclose()
+            return error_response(APIError("client disconnected", status=499))
+    log_request(reply_id, stats, start, None)
+    return {**head, "object": "chat.completion", "usage": usage(stats), "choices": [{
+        "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": stats["finish_reason"],
+        "logprobs": None}]}
+
+
 def create_app(server: Server, api_key: str | None = None):
     from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
     class EventStream(StreamingResponse):
@@ -224,20 +310,9 @@ def create_app(server: Server, api_key: str | None = None):
                 await self.body_iterator.aclose()
 
     app = FastAPI(title="phase2_lora serve", docs_url=None, redoc_url=None, openapi_url=None)
-    error = lambda e: JSONResponse(e.body(), status_code=e.status)  # noqa: E731
-
-    @app.exception_handler(APIError)
-    async def api_error(request, e):
-        return error(e)
-
-    @app.exception_handler(HTTPException)  # 404, 405: the same JSON shape
-    async def http_error(request, e):
-        return error(APIError(str(e.detail), status=e.status_code))
-
-    @app.exception_handler(Exception)
-    async def server_error(request, e):
-        log(f"error: {type(e).__name__}: {e}")  # one line; the client gets JSON, never a traceback
-        return error(APIError(f"generation failed: {type(e).__name__}", status=500, kind="server_error"))
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
 
     async def check_key(request: Request):  # a dependency, not a middleware: BaseHTTPMiddleware hides disconnects
         sent = request.headers.get("authorization", "")
@@ -255,28 +330,8 @@ def create_app(server: Server, api_key: str | None = None):
                                             "owned_by": "phase2_lora"}]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(http: Request):
-        try:
-            body = json.loads(await http.body())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(f"the request body is not valid JSON ({e})") from e
-        request = parse_request(body, server.args, max_tokens_cap=server.window - 1)
-        input_ids, kwargs = server.prepare(request)
-        reply_id, created, stats, start = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), {}, time.perf_counter()
-        head = {"id": reply_id, "created": created, "model": server.model_id}
-        pieces = server.pieces(request, input_ids, kwargs, stats)
-        if request.stream:
-            return EventStream(stream_events(head, pieces, stats, request.include_usage, start))
-        text = ""
-        async for piece in pieces:
-            text += piece
-            if await http.is_disconnected():  # nobody to answer: stop the model (closing the generator does)
-                await pieces.aclose()
-                return error(APIError("client disconnected", status=499))
-        log_request(reply_id, stats, start, None)
-        return {**head, "object": "chat.completion", "usage": usage(stats), "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": stats["finish_reason"],
-            "logprobs": None}]}
+    async def completions(http: Request):
+        return await chat_completions(server, http, EventStream)
 
     return app
 
@@ -307,12 +362,13 @@ def log_request(reply_id: str, stats: dict, start: float, first: float | None) -
     seconds = time.perf_counter() - start
     ttft = f", first token after {first - start:.2f} s" if first else ""
     log(f"{reply_id[:17]}: {stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion tokens in "
-        f"{seconds:.2f} s{ttft}, finish_reason {stats['finish_reason']}")
+        f"{seconds:.2f} s{ttft}, finish_reason {stats['finish_reason']}, generations running {stats['running']}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     base = check_model_args(args)
+    sock = listen(args.host, args.port)
     import uvicorn  # heavy imports only after the cheap checks
     from qlora_model import UsageError
 
@@ -325,7 +381,7 @@ def main(argv=None) -> int:
             + ("" if args.api_key else "; add --api_key to require a key"))
     log(f"serving on http://{args.host}:{args.port}/ (chat page), OpenAI API at http://{args.host}:{args.port}/v1")
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn shuts down cleanly
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 

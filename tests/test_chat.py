@@ -56,6 +56,7 @@ def test_prompt_reproduces_trained_answers(trained):
     adapter, qa = trained
     proc = chat("--adapter", adapter, "--greedy", *[a for q, _ in qa for a in ("--prompt", q)])
     assert answers(proc) == [a for _, a in qa]
+    assert "Loading weights" not in proc.stderr  # stderr is a pipe: no progress bar in the log
 
 
 def test_compare_shows_base_answers_differ(trained):
@@ -251,3 +252,5 @@ def test_bad_input(trained, tiny_model_dir, tmp_path):
     assert_usage_error(run_script(CHAT, "--adapter", adapter, "--merge_to", other), "not empty")
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
     assert_usage_error(run_script(CHAT, "--model_name_or_path", tiny_model_dir, "--compare"), "needs --adapter")
+    for flags in (["--seed", -5], ["--seed", 2**32], ["--repetition_penalty", -1], ["--repetition_penalty", 0]):
+        assert_usage_error(run_script(CHAT, "--model_name_or_path", tiny_model_dir, *flags), flags[0], "got")

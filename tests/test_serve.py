@@ -42,10 +42,11 @@ def live_server(tmp_path, *args):
                                 cwd=REPO, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 300
-        while (request(port, "GET", "/", raw=True) or (None,))[0] != 200:
+        while "serving on" not in log_path.read_text():  # the port listens from the start; this waits for the model
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.5)
+        assert request(port, "GET", "/", raw=True)[0] == 200
         yield port, log_path
     finally:
         proc.terminate()
@@ -122,13 +123,52 @@ def test_seed_stop_and_max_tokens(client, qa):
     assert answer.startswith(reply.choices[0].message.content)
 
 
-def test_concurrent_requests_get_the_answers_they_get_alone(client, qa):
-    questions = [qa[i % len(qa)][0] for i in range(8)]
+def generations_running(log) -> list[int]:
+    """Per request logged: how many generations were running when it started (1 = it had the model alone)."""
+    return [int(n) for n in re.findall(r"generations running (\d+)", log.read_text())]
+
+
+def test_concurrent_requests_get_the_answers_they_get_alone_one_at_a_time(server, client, qa):
+    questions, before = [qa[i % len(qa)][0] for i in range(8)], len(generations_running(server[1]))
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda q: ask(client, q, stream=q == qa[0][0]), questions))
     texts = [g.choices[0].message.content if hasattr(g, "choices") else "".join(
         c.choices[0].delta.content or "" for c in g) for g in got]
     assert texts == [qa[i % len(qa)][1] for i in range(8)]
+    deadline = time.monotonic() + 10  # a streamed request logs just after its last event
+    while len(running := generations_running(server[1])) < before + 8:
+        assert time.monotonic() < deadline, running
+        time.sleep(0.1)
+    assert set(running) == {1}  # the lock let one generation run at a time
+
+
+def test_a_generation_that_fails_to_start_releases_the_model(monkeypatch):
+    """Generation() raising (say, CUDA out of memory) must not leave the lock held: every later request would
+    wait forever. In-process, with the model side stubbed out: only the locking is under test."""
+    import asyncio
+    import threading
+
+    sys.path.insert(0, str(REPO / "phase2_lora"))
+    import chat_session
+    import serve
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(chat_session, "Generation", fail)
+    server = object.__new__(serve.Server)  # no model loaded
+    server.model = server.tokenizer = None
+    server.lock, server.running, server.count_lock = asyncio.Lock(), 0, threading.Lock()
+    request = serve.ChatRequest([], 1, 0.0, 1.0, (), None, False, False)
+
+    async def twice():
+        for _ in range(2):  # the second would wait on a leaked lock until wait_for gives up
+            with pytest.raises(RuntimeError, match="out of memory"):
+                async for _ in server.pieces(request, None, {}, {}):
+                    pass
+        return server.lock.locked()
+
+    assert asyncio.run(asyncio.wait_for(twice(), timeout=10)) is False
 
 
 # ---------------------------------------------------------------- bad input: 4xx JSON, and the server keeps serving
@@ -150,9 +190,16 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, qa)
         ({"messages": user, "temperature": -1}, 400, "temperature", "must be in"),
         ({"messages": user, "stop": [""]}, 400, "stop", "'stop' must be"),
         ([1, 2], 400, None, "JSON object"),
+        (b"[" * 100_000, 400, None, "not valid JSON"),  # nested too deep for the parser: RecursionError
+        (b'{"messages": "' + b"x" * (2 << 20) + b'"}', 413, None, "exceeds 2097152 bytes"),
+        ({"messages": user}, 415, None, "must be application/json", {"Content-Type": "text/plain"}),  # CSRF
+        ({"messages": user, "seed": -1}, 400, "seed", "must be in [0, 4294967295]"),
+        ({"messages": user, "seed": 2**32}, 400, "seed", "must be in [0, 4294967295]"),
+        ({"messages": user, "stream_options": 5}, 400, "stream_options", "must be an object"),
+        ({"messages": user, "stream": True, "stream_options": "x"}, 400, "stream_options", "must be an object"),
     ]
-    for body, status, param, fragment in cases:
-        got_status, got = request(port, "POST", "/v1/chat/completions", body)
+    for body, status, param, fragment, *headers in cases:
+        got_status, got = request(port, "POST", "/v1/chat/completions", body, *headers)
         assert got_status == status, (body, got)
         assert got["error"]["type"] == "invalid_request_error" and got["error"]["param"] == param, got
         assert fragment in got["error"]["message"], got
@@ -165,10 +212,37 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, qa)
 def test_cli_bad_input_fails_fast(tmp_path):
     for args, fragment in [(["--adapter", tmp_path / "missing"], "does not exist"),
                            (["--model_name_or_path", "x", "--port", "0"], "--port"),
-                           (["--model_name_or_path", "x", "--api_key", ""], "--api_key")]:
-        proc = run_script(SERVE, *args)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and fragment in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+                           (["--model_name_or_path", "x", "--api_key", ""], "--api_key"),
+                           (["--model_name_or_path", "x", "--repetition_penalty", 0], "--repetition_penalty")]:
+        assert_one_error_line(run_script(SERVE, *args), fragment)
+
+
+def assert_one_error_line(proc, fragment):
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and fragment in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_port_in_use_fails_before_loading_the_model():
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # listening, as another server would be
+        port = busy.getsockname()[1]
+        # The model name does not exist: the port is checked before anything is loaded.
+        proc = run_script(SERVE, "--model_name_or_path", "no/such-model", "--port", port, timeout=60)
+    assert_one_error_line(proc, f"port {port} on 127.0.0.1 is in use; pass --port")
+
+
+def test_benchmark_serve_prints_its_table(tiny_model_dir):
+    """A smoke run of benchmark_serve.py: its table has both sides and the ratio, for TTFT and tokens/s (the
+    figures themselves are not checked: the tiny random model on a shared CPU measures the code path only)."""
+    proc = run_script("phase2_lora/benchmark_serve.py", "--model_name_or_path", tiny_model_dir,
+                      "--max_tokens", 8, "--repeats", 1, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, header, rule, *rows, overhead = proc.stdout.strip().splitlines()
+    assert model.startswith(f"model {tiny_model_dir.name} on cpu") and "median of 1" in model
+    assert header == "| | direct generate() | API, streamed | API / direct |" and rule == "|---|---|---|---|"
+    number = r"\d+(\.\d+)?"
+    assert re.fullmatch(rf"\| time to first token \| {number} ms \| {number} ms \| {number} \|", rows[0]), rows
+    assert re.fullmatch(rf"\| tokens/s \| {number} \| {number} \| {number} \|", rows[1]) and len(rows) == 2, rows
+    assert overhead.startswith("overhead: TTFT ") and "tokens/s" in overhead
 
 
 # ---------------------------------------------------------------- API key, client disconnect (base model: never stops)
