@@ -15,7 +15,6 @@ arrives, tokens/s = completion tokens / time until `data: [DONE]`. Figures are m
 import argparse
 import http.client
 import json
-import socket
 import statistics
 import sys
 import threading
@@ -87,16 +86,14 @@ def through_api(port: int, messages, max_tokens: int) -> tuple[float, float, str
 def start_server(server) -> int:
     """serve.py's app under uvicorn in a daemon thread of this process; returns its port."""
     import uvicorn
-    from serve import create_app
+    from serve import create_app, listen
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=uv.run, daemon=True).start()
+    sock = listen("127.0.0.1", 0)  # a free port, held from now on: no other process can take it meanwhile
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
+    threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True).start()
     while not uv.started:
         time.sleep(0.05)
-    return port
+    return sock.getsockname()[1]
 
 
 def main(argv=None) -> int:
