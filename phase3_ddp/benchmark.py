@@ -77,7 +77,8 @@ def run(nproc: int, args, data: Path, out: Path) -> dict:
            "--data_path", str(data), "--output_dir", str(out), "--quantization", args.quantization,
            "--device", args.device, "--batch_size", str(args.batch_size), "--grad_accum", "1",
            "--max_steps", str(args.warmup + args.steps), "--warmup_ratio", "0", "--val_size", "0",
-           "--save_steps", "0", "--logging_steps", str(10**9), "--lora_dropout", "0", "--max_seq_len", "1024"]
+           "--save_steps", "0", "--logging_steps", str(10**9), "--lora_dropout", "0", "--max_seq_len", "1024",
+           "--no_cache"]  # throughput only: nothing to reuse, nothing to leave in the user's data/cache
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process (torchrun's default, made explicit)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)

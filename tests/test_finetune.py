@@ -141,7 +141,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / SCRIPT), "--model_name_or_path", str(tiny_model_dir), "--data_path",
            str(PERSONA_PATH), "--output_dir", str(out), *map(str, QUICK), "--val_size", "0", "--max_steps", "100000",
-           "--save_steps", "100000"]
+           "--save_steps", "100000", "--no_cache"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     stdout = []
