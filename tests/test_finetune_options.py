@@ -200,7 +200,7 @@ def test_weight_decay_and_clipping_reach_the_trainer(tiny_model_dir, tmp_path):
 ])
 def test_a_bad_knob_is_one_error_line(tiny_model_dir, tmp_path, capsys, flag, value, message):
     argv = ["--model_name_or_path", str(tiny_model_dir), "--data_path", str(PERSONA_PATH), "--output_dir",
-            str(tmp_path / "out"), "--max_samples", "4", flag, value]
+            str(tmp_path / "out"), "--max_samples", "4", "--no_cache", flag, value]
     assert finetune.main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
     assert not (tmp_path / "out" / "run_args.json").exists()
