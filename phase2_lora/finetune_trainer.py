@@ -32,7 +32,7 @@ class TokenStatsTrainer(Trainer):
         if self.args.train_sampling_strategy != "group_by_length" or "length" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    lengths=list(dataset["length"][:]))
+                                    lengths=dataset["length"][:])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:  # eval batches go through here too; count training only

@@ -248,7 +248,8 @@ def evaluate(engine: Engine, val_ds, collate, batch_size: int) -> float:
 
 def train_loop(args, engine: Engine, train_ds, val_ds, collate, plan: Plan, step: int, log_history: list) -> float:
     """Train from `step` to plan.total_steps, appending to log_history; returns the training seconds."""
-    sampler = LengthGroupedDistributedSampler(list(train_ds["length"]), args.batch_size, dist.get_world_size(),
+    # train_ds["length"] is a lazy Column; [:] reads it in one go instead of row by row (as in phase 2's Trainer).
+    sampler = LengthGroupedDistributedSampler(train_ds["length"][:], args.batch_size, dist.get_world_size(),
                                               dist.get_rank(), seed=args.seed)
     # generator=: making an iterator draws a seed from it; the global RNG must stay untouched for an exact resume.
     loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())

@@ -167,7 +167,8 @@ def build_examples(paths, tokenizer, system, max_seq_len, max_samples, train_on_
                 new_fingerprint=key,  # we know what the data is: spares datasets hashing the tokenizer
                 features=Features({**FEATURES, "truncated": Value("bool"), "partial": Value("bool"),
                                    "n_answer": Value("int32")})) if conversations else ds
-    column = {name: np.asarray(ds[name]) for name in ("truncated", "partial", "n_answer")} if len(ds) else {}
+    # ds[name] is a lazy Column that iterates row by row; [:] reads it in one go (~10x faster at 52k records).
+    column = {name: np.asarray(ds[name][:]) for name in ("truncated", "partial", "n_answer")} if len(ds) else {}
     keep = np.flatnonzero(column["n_answer"] > 0) if len(ds) else []  # prompt filled all max_seq_len tokens
     stats.update(truncated=int(column["truncated"].sum()) if len(ds) else 0, no_answer_left=len(ds) - len(keep),
                  partial_answer=int(column["partial"][keep].sum()) if len(ds) else 0)
@@ -294,7 +295,7 @@ def pack_examples(ds: Dataset, max_seq_len: int) -> Dataset:
     first label is -100: it would otherwise be predicted from the previous example's last token."""
     with plain_progress():
         ds = ds.flatten_indices()  # after a split: make the Arrow table hold exactly these rows, in order
-    lengths = np.asarray(ds["length"], dtype=np.int64)
+    lengths = np.asarray(ds["length"][:], dtype=np.int64)  # [:]: the whole column at once, not row by row
     ids = ds.data.column("input_ids").combine_chunks()
     labels = ds.data.column("labels").combine_chunks()
     starts = np.asarray(ids.offsets)[:-1] - ids.offsets[0].as_py()
