@@ -14,7 +14,6 @@ Model flags are chat.py's.
 import argparse
 import json
 import math
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -91,17 +90,12 @@ def markdown(results: dict) -> str:
     return "\n".join(rows)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     base = check_model_args(args)
     from chat_session import cli_generation_kwargs, load_for_chat
     from qlora_model import UsageError
+    from run_files import atomic_write_text
     from sft_data import load_conversations, load_sft_datasets
 
     try:
@@ -133,8 +127,8 @@ def main(argv=None) -> int:
               "records_loss": len(dataset), "records_answers": len(references), "results": results,
               "answers": [{"reference": r, **{name: got[i] for name, got in per_record.items()}}
                           for i, r in enumerate(references)]}
-    write_atomic(output, json.dumps(report, ensure_ascii=False, indent=2))
-    write_atomic(output.with_suffix(".md"), table + "\n")
+    atomic_write_text(output, json.dumps(report, ensure_ascii=False, indent=2))
+    atomic_write_text(output.with_suffix(".md"), table + "\n")
     print(table)
     log(f"wrote {output} and {output.with_suffix('.md')}")
     return 0
