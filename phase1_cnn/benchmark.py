@@ -33,11 +33,13 @@ from cifar_data import (
     BadInput,
     CifarDataset,
     DeviceBatches,
+    OneLineArgumentParser,
     augment,
     exit_bad_input,
     load_cifar10,
     make_loader,
     make_synthetic,
+    whole,
 )
 from cifar_loops import amp_dtype, resolve_device, to_model_input, train_one_epoch, train_step
 from cifar_models import MODEL_ALIASES, build_model
@@ -120,32 +122,31 @@ def time_training(batches, model_state, args, device, warmup: int, steps: int) -
 AIRBENCH94_A100_SECONDS = 3.83  # Keller Jordan, cifar10-airbench README: airbench94.py, 94.01% on an A100
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     intro, usage = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=intro, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=intro, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["lenet5", "resnet9", "cnn"], default="lenet5", help="cnn = resnet9")
-    p.add_argument("--width", type=int, default=64, help="resnet9 base width")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=100, help="timed training steps per pipeline")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, cuDNN autotune)")
-    p.add_argument("--repeats", type=int, default=3, help="times each pipeline, round-robin; the median counts")
+    p.add_argument("--width", type=whole(1, 512), default=64, help="resnet9 base width")
+    p.add_argument("--batch_size", type=whole(1, 65_536), default=128)
+    p.add_argument("--steps", type=whole(1, 10**6), default=100, help="timed training steps per pipeline")
+    p.add_argument("--warmup", type=whole(0, 10**6), default=5,
+                   help="untimed steps first (allocator, cuDNN autotune)")
+    p.add_argument("--repeats", type=whole(1, 1000), default=3,
+                   help="times each pipeline, round-robin; the median counts")
     p.add_argument("--data_dir", default="data", help="uses data_dir/cifar-10-batches-py when it is there")
     p.add_argument("--synthetic", action="store_true", help="use in-memory synthetic images even if CIFAR-10 is there")
-    p.add_argument("--num_images", type=int, default=50000, help="images to draw batches from (at most what exists)")
+    p.add_argument("--num_images", type=whole(1, 10**9), default=50000,
+                   help="images to draw batches from (at most what exists)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers of the 'ours' row")
-    p.add_argument("--textbook_workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--num_workers", type=whole(0, 256), default=0, help="DataLoader workers of the 'ours' row")
+    p.add_argument("--textbook_workers", type=whole(1, 256), default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers of the 'textbook + N workers' row (default: CPU cores, at most 4)")
     p.add_argument("--recipe", action="store_true", help="CUDA only: time train.py's default ResNet-9 recipe")
-    return p.parse_args()
+    return p
 
 
 def load_images(args):
     """(images, labels, source) from CIFAR-10 train when present (and not --synthetic), else synthetic."""
-    if min(args.batch_size, args.steps, args.num_images, args.width, args.textbook_workers, args.repeats) < 1 or \
-            min(args.warmup, args.num_workers) < 0:
-        raise BadInput("--batch_size, --steps, --num_images, --width, --textbook_workers and --repeats must be at "
-                       "least 1, --warmup and --num_workers at least 0")
     if not args.synthetic and os.path.isdir(os.path.join(args.data_dir, CIFAR_FOLDER)):
         images, labels, _ = load_cifar10(args.data_dir, "train")
         source = f"CIFAR-10 train from {args.data_dir}"
@@ -155,8 +156,8 @@ def load_images(args):
     return images[:args.num_images], labels[:args.num_images], source
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     args.model = MODEL_ALIASES.get(args.model, args.model)
     try:
         device = resolve_device(args.device)

@@ -4,6 +4,7 @@ a hand-written Dataset + DataLoader, and whole-batch augmentation on uint8 tenso
 Images stay uint8 (N, 3, 32, 32) until the last moment: 4x less memory and host->GPU traffic than float32, and one
 batched gather does crop + flip for the whole batch instead of per-image PIL calls."""
 
+import argparse
 import functools
 import os
 import pickle
@@ -33,18 +34,58 @@ def exit_bad_input(error: BadInput):
     sys.exit(2)
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """A bad flag value gets one line, `error: ... (see --help)`, and exit 2, like every other bad input: no usage
+    block. Every numeric flag is typed with `whole` or `real`, so its range is checked here, before any work."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _flag_type(convert, ok, expected: str):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):  # nan fails every comparison, so it lands here too
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    parse.checked_range = expected  # marks a range-checked flag (tests walk them)
+    return parse
+
+
+def whole(lo: int, hi: int):
+    """argparse type: a whole number in lo..hi. An upper bound on every flag: a huge value would otherwise overflow
+    torch's 64-bit integers or try to allocate the impossible, with a traceback."""
+    return _flag_type(int, lambda v: lo <= v <= hi, f"a whole number in {lo}..{hi}")
+
+
+def real(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite number between lo and hi, each bound included unless marked open."""
+    ok = lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    return _flag_type(float, ok, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
 # ----------------------------------------------------------------------------- reading the pickles
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle names a global the reader does not admit."""
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR-10 ships as pickles, and unpickling runs whatever a file names. Allow exactly the three globals the
-    official Python-2 files name for their one numpy array (data): the array rebuilder, the array class and its
-    dtype. Everything else in a batch (dict, bytes, ints, lists) needs no global at all. numpy 2 still answers to
-    the numpy 1.x module path the files name."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+    """CIFAR-10 ships as pickles, and unpickling runs whatever a file names. Allow exactly the three globals a batch
+    needs for its one numpy array (data): the array rebuilder, the array class and its dtype. Everything else in a
+    batch (dict, bytes, str, ints, lists) needs no global at all. The rebuilder goes by two names: numpy 1's
+    numpy.core.multiarray (the official files) and numpy 2's numpy._core.multiarray (what pickle.dump writes under
+    numpy 2, e.g. a user's own images in the official layout): the same function, no new capability."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+            raise _Refused(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
 
 
@@ -54,6 +95,10 @@ def _read_pickle(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _NumpyOnlyUnpickler(f, encoding="bytes").load()  # the originals were pickled by Python 2
+    except _Refused as e:
+        raise BadInput(f"{path}: {e}, which a CIFAR-10 batch never needs (unpickling it could run code). If you "
+                       "wrote this file, pickle a dict of a uint8 numpy array 'data' and a list 'labels' with "
+                       "pickle.dump(batch, f, protocol=4)") from None
     except Exception as e:
         raise BadInput(f"{path} is not a readable CIFAR-10 pickle ({type(e).__name__}: {e}): "
                        "delete it and run with --download, or unpack the archive again") from None

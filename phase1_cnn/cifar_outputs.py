@@ -3,6 +3,7 @@ then renamed over the target (os.replace is atomic), so an interrupted run never
 
 import json
 import os
+import zipfile
 
 import torch
 from cifar_data import BadInput
@@ -29,6 +30,8 @@ def load_checkpoint(path: str, hint: str) -> dict:
     checkpoint written on a GPU loads anywhere. hint: how to fix a missing file."""
     if not os.path.isfile(path):
         raise BadInput(f"{path} not found: {hint}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; metrics.json, a log, an image are not one
+        raise BadInput(f"{path} is not a checkpoint: point to best.pt or last.pt written by phase1_cnn/train.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

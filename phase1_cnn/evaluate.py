@@ -2,6 +2,7 @@
 
     python phase1_cnn/evaluate.py                                   # checkpoints/phase1/best.pt on data/
     python phase1_cnn/evaluate.py --checkpoint checkpoints/phase1/last.pt
+    python phase1_cnn/evaluate.py --checkpoint checkpoints/phase1-demo     # a run's folder: its best.pt
     python phase1_cnn/evaluate.py --tta                              # flip test-time augmentation
 
 Writes eval.json and confusion_matrix.png beside the checkpoint. A checkpoint trained on a GPU evaluates on a CPU.
@@ -12,23 +13,41 @@ import argparse
 import os
 
 import torch
-from cifar_data import NUM_CLASSES, BadInput, exit_bad_input, load_cifar10, make_batches, make_synthetic
+from cifar_data import (
+    NUM_CLASSES,
+    BadInput,
+    OneLineArgumentParser,
+    exit_bad_input,
+    load_cifar10,
+    make_batches,
+    make_synthetic,
+    whole,
+)
 from cifar_loops import evaluate, resolve_device
 from cifar_models import build_model
 from cifar_outputs import load_checkpoint, plot_confusion, write_json
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     intro, usage = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=intro, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/phase1/best.pt", help="default: checkpoints/phase1/best.pt")
+    p = OneLineArgumentParser(description=intro, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="checkpoints/phase1/best.pt",
+                   help="a checkpoint written by train.py, or a run's folder (its best.pt); "
+                   "default: checkpoints/phase1/best.pt")
     p.add_argument("--data_dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
-    p.add_argument("--batch_size", type=int, default=1024)
+    p.add_argument("--batch_size", type=whole(1, 65_536), default=1024)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (CPU; on CUDA the test images "
-                   "are put on the GPU once instead)")
+    p.add_argument("--num_workers", type=whole(0, 256), default=0,
+                   help="DataLoader workers (CPU; on CUDA the test images are put on the GPU once instead)")
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its mirror image")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if os.path.isdir(args.checkpoint):  # a run's folder, as train.py's --output_dir names it
+        args.checkpoint = os.path.join(args.checkpoint, "best.pt")
+    return args
 
 
 def main(argv=None) -> None:
@@ -42,9 +61,6 @@ def main(argv=None) -> None:
 def run_evaluation(args) -> None:
     # ---- checkpoint and model: the architecture comes from the checkpoint's own settings
     device = resolve_device(args.device)
-    if args.batch_size < 1 or args.num_workers < 0:
-        raise BadInput(f"--batch_size must be at least 1 and --num_workers at least 0, got {args.batch_size} and "
-                       f"{args.num_workers}")
     ckpt = load_checkpoint(args.checkpoint, "train one first with python phase1_cnn/train.py, or pass --checkpoint")
     run, class_names = ckpt["args"], ckpt["class_names"]
     model = build_model(run["model"], run["width"])

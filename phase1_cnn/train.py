@@ -22,12 +22,15 @@ from dataclasses import dataclass, field
 import torch
 from cifar_data import (
     BadInput,
+    OneLineArgumentParser,
     download_cifar10,
     exit_bad_input,
     load_cifar10,
     make_batches,
     make_synthetic,
+    real,
     split_train_val,
+    whole,
 )
 from cifar_loops import amp_dtype, evaluate, resolve_device, train_one_epoch
 from cifar_models import MODEL_ALIASES, build_model, count_params
@@ -42,37 +45,46 @@ COMMON = dict(model="resnet9", seed=0, val_size=5000, max_train_samples=0, synth
 RUN_KEYS = [*COMMON, *RECIPES["resnet9"]]  # what defines a run: --resume takes these from the checkpoint
 WARMUP_FRACTION = 5 / 24  # Page: peak learning rate at epoch 5 of 24
 OUTPUTS = ["best.pt", "last.pt", "metrics.json", "curves.png", "eval.json", "confusion_matrix.png"]  # a run's files
+MAX_IMAGES = 10**9  # bound of the image-count flags: far beyond any CIFAR-layout data set
+MAX_EPOCHS = 10_000
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every numeric flag's range is checked by its type (whole / real): a bad value is one line, exit 2."""
     intro, usage = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=intro, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=intro, epilog=usage, formatter_class=argparse.RawDescriptionHelpFormatter)
     per_model = lambda key: f"default {RECIPES['resnet9'][key]} (resnet9) / {RECIPES['lenet5'][key]} (lenet5)"
     p.add_argument("--data_dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
     p.add_argument("--output_dir", default="checkpoints/phase1", help="best.pt, last.pt, metrics.json, curves.png")
     p.add_argument("--model", choices=[*RECIPES, *MODEL_ALIASES], default=None,
                    help="resnet9 (default; 'cnn' is an alias) or lenet5")
-    p.add_argument("--width", type=int, default=None, help="resnet9 base width (default 64; smaller = faster on a CPU)")
-    p.add_argument("--epochs", type=int, default=None, help=per_model("epochs"))
-    p.add_argument("--batch_size", type=int, default=None, help=per_model("batch_size"))
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, " + per_model("lr"))
-    p.add_argument("--weight_decay", type=float, default=None, help=per_model("weight_decay"))
-    p.add_argument("--label_smoothing", type=float, default=None, help=per_model("label_smoothing"))
-    p.add_argument("--cutout", type=int, default=None, help="cutout square side, 0 = off; " + per_model("cutout"))
-    p.add_argument("--seed", type=int, default=None, help="seeds init, split, shuffling and augmentation (default 0)")
-    p.add_argument("--val_size", type=int, default=None, help="training images held out for validation (default "
-                   "5000, at most a fifth of the training set; 0 = none, best.pt is then the last epoch)")
-    p.add_argument("--max_train_samples", type=int, default=None, help="train on at most this many images (0 = all)")
+    p.add_argument("--width", type=whole(1, 512), default=None,
+                   help="resnet9 base width (default 64; smaller = faster on a CPU)")
+    p.add_argument("--epochs", type=whole(1, MAX_EPOCHS), default=None, help=per_model("epochs"))
+    p.add_argument("--batch_size", type=whole(1, 65_536), default=None, help=per_model("batch_size"))
+    p.add_argument("--lr", type=real(0, 10, lo_open=True), default=None, help="peak learning rate, " + per_model("lr"))
+    p.add_argument("--weight_decay", type=real(0, 1, hi_open=True), default=None, help=per_model("weight_decay"))
+    p.add_argument("--label_smoothing", type=real(0, 1, hi_open=True), default=None, help=per_model("label_smoothing"))
+    p.add_argument("--cutout", type=whole(0, 32), default=None,
+                   help="cutout square side, 0 = off; " + per_model("cutout"))
+    # Below 2**32 (numpy's seed range): epoch_seeds' seed * 100_003 + epoch then stays within torch's 64-bit seeds.
+    p.add_argument("--seed", type=whole(0, 2**32 - 1), default=None,
+                   help="seeds init, split, shuffling and augmentation (default 0)")
+    p.add_argument("--val_size", type=whole(0, MAX_IMAGES), default=None, help="training images held out for "
+                   "validation (default 5000, at most a fifth of the training set; 0 = none, best.pt is then the last "
+                   "epoch)")
+    p.add_argument("--max_train_samples", type=whole(0, MAX_IMAGES), default=None,
+                   help="train on at most this many images (0 = all)")
     p.add_argument("--synthetic", action="store_true", default=None, help="in-memory learnable patterns, no files")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--loader", choices=["auto", "dataloader", "device"], default="auto",
                    help="dataloader: our Dataset through a DataLoader (the CPU default); device: the uint8 images on "
                    "the device, batches by index (the CUDA default). Same batches either way")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers; 0 is right here: the images are "
-                   "in memory and augmentation runs batched on the device")
-    p.add_argument("--save_every", type=int, default=None, help="write last.pt, best.pt, metrics.json and curves.png "
-                   "every N epochs and at the end (default 1 on a CPU, 4 on CUDA where an epoch takes seconds); "
-                   "--resume continues from the last write")
+    p.add_argument("--num_workers", type=whole(0, 256), default=0, help="DataLoader workers; 0 is right here: the "
+                   "images are in memory and augmentation runs batched on the device")
+    p.add_argument("--save_every", type=whole(1, MAX_EPOCHS), default=None, help="write last.pt, best.pt, "
+                   "metrics.json and curves.png every N epochs and at the end (default 1 on a CPU, 4 on CUDA where "
+                   "an epoch takes seconds); --resume continues from the last write")
     p.add_argument("--tta", action="store_true", help="final test with flip test-time augmentation")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
     p.add_argument("--check_sync", action="store_true", help="CUDA: raise if the training loop ever waits for the "
@@ -80,8 +92,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt with its settings")
     p.add_argument("--overwrite", action="store_true", help="delete the run in output_dir and start afresh")
     p.add_argument("--download", action="store_true", help="fetch and unpack CIFAR-10 into data_dir (needs internet)")
-    p.add_argument("--stop_after_epoch", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a crash
-    args = p.parse_args(argv)
+    p.add_argument("--stop_after_epoch", type=whole(1, MAX_EPOCHS), default=None,
+                   help=argparse.SUPPRESS)  # tests: simulate a crash
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     args.model = MODEL_ALIASES.get(args.model, args.model)
     return args
 
@@ -101,23 +118,7 @@ def resolve_run(args, saved: dict | None, last_path: str) -> dict:
             raise BadInput(f"{last_path} lacks the run settings {missing}: pass a new --output_dir to start afresh")
         return {k: saved[k] for k in RUN_KEYS}
     model = given.get("model", COMMON["model"])
-    run = {**COMMON, **RECIPES[model], **given}
-    # Checked here, before any file is read or written: out of range, torch would fail later with a traceback.
-    rules = {
-        "epochs": (run["epochs"] >= 1, "at least 1"),
-        "batch_size": (run["batch_size"] >= 1, "at least 1"),
-        "width": (model != "resnet9" or run["width"] >= 1, "at least 1"),
-        "lr": (run["lr"] > 0, "positive"),
-        "weight_decay": (run["weight_decay"] >= 0, "at least 0"),
-        "label_smoothing": (0 <= run["label_smoothing"] < 1, "in [0, 1)"),
-        "cutout": (0 <= run["cutout"] <= 32, "in 0..32 pixels"),
-        "val_size": (run["val_size"] >= 0, "at least 0"),
-        "max_train_samples": (run["max_train_samples"] >= 0, "at least 0"),
-    }
-    for flag, (ok, rule) in rules.items():
-        if not ok:
-            raise BadInput(f"--{flag} must be {rule}, got {run[flag]}")
-    return run
+    return {**COMMON, **RECIPES[model], **given}  # each given value was range-checked by the parser
 
 
 def one_cycle(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -168,10 +169,6 @@ def run_training(args) -> None:
 
 def settings(args) -> tuple[dict | None, dict]:
     """Flags checked, the checkpoint read when resuming, and the run's settings."""
-    for flag in ("num_workers", "save_every"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "num_workers" else 1):
-            raise BadInput(f"--{flag} must be at least {0 if flag == 'num_workers' else 1}, got {value}")
     if args.resume and args.overwrite:
         raise BadInput("--resume continues the run in output_dir, --overwrite deletes it: give one of them")
     last_path = os.path.join(args.output_dir, "last.pt")

@@ -21,14 +21,26 @@ stdout carries only answers; logs and errors go to stderr.
 import argparse
 import contextlib
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
-from model_names import same_base
+from model_names import add_hub_flag, resolve_model, same_base
 
 QUANTIZATIONS = ("4bit", "8bit", "none")  # qlora_model.QUANTIZATIONS, not imported: it would pull in torch
 MERGE_FROM = ("original", "nf4")
 COMMANDS = "/reset (clear the history), /system TEXT (set the system prompt; /system alone removes it), /exit"
+MIN_TEMPERATURE = 1e-5  # below it logits / temperature overflows float32: sampling that cold is greedy (as in vLLM)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """A bad flag value (--max_new_tokens inf, --seed x) gets one line, `error: ... (see --help)`, and exit 2,
+    like every other bad input: no usage block. chat.py, serve.py, evaluate.py and the benchmarks use it."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -38,6 +50,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_name_or_path", default=None,
                    help="base model (hub id or local dir; a dir written by --merge_to needs no --adapter); "
                         "default: base_model_name_or_path of the adapter's adapter_config.json")
+    add_hub_flag(p)
     p.add_argument("--ignore_base_mismatch", action="store_true",
                    help="use --model_name_or_path even if the adapter records another base (e.g. a renamed copy)")
     p.add_argument("--quantization", choices=["auto", *QUANTIZATIONS], default="auto",
@@ -63,8 +76,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     p.add_argument("--prompt", action="append", default=[], help="ask this and exit; repeatable")
     p.add_argument("--compare", action="store_true", help="answer each prompt with and without the adapter")
@@ -87,6 +100,23 @@ def die(message: str):
 
 def log(message: str):
     print(message, file=sys.stderr, flush=True)
+
+
+def progress(items, desc: str, total: int | None = None):
+    """Iterate `items` and show how far along: a tqdm bar on a terminal; in a log file (stderr not a TTY) plain
+    lines, no carriage returns, about every 10% and at least every 30 s (evaluate.py, compare_methods.py)."""
+    total = len(items) if total is None else total
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        yield from tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
+        return
+    start = last = time.monotonic()
+    for i, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if i % max(1, total // 10) == 0 or i == total or now - last > 30:
+            log(f"{desc}: {i}/{total} ({100 * i // max(total, 1)}%), {now - start:.0f} s")
+            last = now
 
 
 # ---------------------------------------------------------------- cheap checks, before loading anything
@@ -125,6 +155,20 @@ def apply_training_defaults(args) -> None:
             log(f"system prompt from {args.adapter}/run_args.json: {args.system!r}")
 
 
+def recorded_base(recorded: str, adapter: Path) -> str:
+    """The base model adapter_config.json names, as a path that works from here. finetune.py records what it was
+    given: a hub id, or a local dir relative to the folder training ran in (checkpoints/tiny-qwen). Run from
+    another folder, such a dir is looked up beside the adapter and in each folder above it, where training ran."""
+    path = Path(recorded).expanduser()
+    if path.is_absolute() or path.is_dir():
+        return recorded
+    for folder in (adapter.resolve(), *adapter.resolve().parents):
+        if (folder / path / "config.json").is_file():
+            log(f"base model {recorded} (relative, from {adapter}/adapter_config.json) found at {folder / path}")
+            return str(folder / path)
+    return recorded  # a hub id, or a dir that is gone: loading says which
+
+
 def resolve_base(args) -> str:
     """The base model to load; exits with code 2 on a bad adapter or a base mismatch."""
     args.trained_quantization = None
@@ -133,6 +177,8 @@ def resolve_base(args) -> str:
             die("pass --adapter DIR (base model read from it) and/or --model_name_or_path MODEL")
         return args.model_name_or_path
     recorded = read_adapter_config(args.adapter).get("base_model_name_or_path")
+    if recorded and isinstance(recorded, str):
+        recorded = recorded_base(recorded, args.adapter)
     apply_training_defaults(args)
     if args.model_name_or_path is None:
         if not recorded:
@@ -150,11 +196,13 @@ def check_model_args(args) -> str:
     base = resolve_base(args)
     for name in ("max_new_tokens", "max_context", "top_k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            die(f"--{name} must be >= 1")
-    if not args.greedy and (not args.temperature > 0 or not 0 < args.top_p <= 1):
-        die("need --temperature > 0 and 0 < --top_p <= 1 (for deterministic answers use --greedy)")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:  # also catches nan
-        die(f"--repetition_penalty must be > 0 (1.0: none, above 1 discourages repeats), got "
+            die(f"--{name} must be >= 1, got {getattr(args, name)}")
+    # Written so that nan fails too (every comparison with nan is False); a huge temperature is just uniform sampling
+    if not (MIN_TEMPERATURE <= args.temperature < math.inf and 0 < args.top_p <= 1):
+        die(f"need {MIN_TEMPERATURE:g} <= --temperature < inf and 0 < --top_p <= 1, got {args.temperature} and "
+            f"{args.top_p} (for deterministic answers leave them and add --greedy)")
+    if args.repetition_penalty is not None and not 0.01 <= args.repetition_penalty <= 100:
+        die(f"--repetition_penalty must be in [0.01, 100] (1.0: none, above 1 discourages repeats), got "
             f"{args.repetition_penalty}")
     return base
 
@@ -288,6 +336,7 @@ def main(argv=None) -> int:
     from qlora_model import UsageError
 
     try:
+        base = resolve_model(base, args.hub, UsageError)  # --hub modelscope: download, then load the folder
         if args.merge_to is not None:
             merge_adapter(base, args.adapter, args.merge_to, args.trust_remote_code, args.merge_from, log=log)
             return 0

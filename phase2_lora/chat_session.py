@@ -5,6 +5,7 @@ into a standalone model.
 """
 
 import os
+import queue
 import shutil
 import sys
 import threading
@@ -13,9 +14,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from qlora_model import UsageError, load_model, load_model_and_tokenizer, load_tokenizer  # before peft: see its top
+
+# isort: split
 from peft import PeftModel
-from qlora_model import UsageError, load_model, load_model_and_tokenizer, load_tokenizer
-from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer, set_seed
+from transformers import AutoConfig, StoppingCriteria, StoppingCriteriaList, set_seed
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 if not sys.stderr.isatty():  # a log file: no "Loading weights" carriage-return bars in it
@@ -83,12 +87,56 @@ class StopFlag(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class TextPieces(BaseStreamer):
+    """generate()'s streamer: each new token's text, sent the moment it completes valid UTF-8. Byte-level BPE
+    splits a rare Chinese character or an emoji over 2-4 tokens: a token that only begins a character sends
+    nothing, and the one that completes it sends the whole character, so no U+FFFD is ever sent (unless the
+    model itself emits invalid UTF-8) and the pieces add up to tokenizer.decode(new tokens).
+    TextIteratorStreamer instead holds text back until a word or a CJK character looks finished, and tokenizers'
+    DecodeStream until a token ends on a character boundary: a token holding "反向传" and the first bytes of "播"
+    would hold "反向传" back for a token. Iterating gives (text, tokens generated so far); it ends after end()."""
+
+    def __init__(self, tokenizer):
+        self.decode, self.queue, self.prompt = tokenizer.decode, queue.Queue(), True
+        self.ids: list[int] = []
+        self.start = self.sent = self.total = 0  # window start (token); its characters sent; characters sent overall
+
+    def put(self, value: torch.Tensor) -> None:  # generate() passes the prompt (1, T) first, then (1,) per step
+        if self.prompt:
+            self.prompt = False
+            return
+        for token in value.reshape(-1).tolist():
+            self.ids.append(token)
+            # Decode a short window, not the whole answer: O(1) per token. Characters still missing bytes
+            # decode as U+FFFD at the end; everything before them is final.
+            text = self.decode(self.ids[self.start:], skip_special_tokens=True)
+            done = len(text.rstrip("\ufffd"))
+            if done > self.sent:
+                self.queue.put((text[self.sent:done], len(self.ids)))
+                self.total += done - self.sent
+                self.sent = done
+            if done == len(text) and len(self.ids) - self.start > 1:
+                # On a character boundary: the window restarts at this token, kept as context (a SentencePiece
+                # decoder drops the leading space of a window's first token).
+                self.start = len(self.ids) - 1
+                self.sent = len(self.decode(self.ids[self.start:], skip_special_tokens=True))
+
+    def end(self) -> None:
+        # An answer cut off mid-character (max_tokens, cancel): its last bytes go out as decode() shows them
+        if rest := self.decode(self.ids, skip_special_tokens=True)[self.total:]:
+            self.queue.put((rest, len(self.ids)))
+        self.queue.put(None)
+
+    def __iter__(self):
+        while (item := self.queue.get()) is not None:
+            yield item
+
+
 class Generation:
-    """One answer, streamed while it is generated: model.generate runs in a background thread and
-    TextIteratorStreamer hands decoded text pieces to whoever iterates (chat.py's main thread, so that
-    Ctrl-C lands there; serve.py's worker thread). Iterate once; afterwards `text`, `prompt_tokens`,
-    `completion_tokens` and `finish_reason` ("stop": end-of-turn token or stop string, "length": the cap, None:
-    cancelled) are set.
+    """One answer, streamed while it is generated: model.generate runs in a background thread and TextPieces
+    hands each token's text to whoever iterates (chat.py's main thread, so that Ctrl-C lands there; serve.py's
+    worker thread). Iterate once; afterwards `text`, `prompt_tokens`, `completion_tokens` and `finish_reason`
+    ("stop": end-of-turn token or stop string, "length": the cap, None: cancelled) are set.
 
     `stop` strings end the answer early, OpenAI-style: the stop string and all after it are never yielded,
     so up to len(longest stop string) - 1 characters are held back until they cannot begin one.
@@ -100,7 +148,8 @@ class Generation:
         self.prompt_tokens, self.stop_strings = input_ids.shape[1], [s for s in stop if s]
         self.eos_ids, self.text, self.finish_reason = set(gen_kwargs["eos_token_id"]), "", None
         self.new_ids, self.error = None, None
-        self.streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.ends: list[tuple[int, int]] = []  # (characters of text, tokens generated) after each piece received
+        self.streamer = TextPieces(tokenizer)
         self.flag = StopFlag()
         self.thread = threading.Thread(target=self._work, args=(model, input_ids, gen_kwargs, seed, adapter),
                                        daemon=True)
@@ -118,7 +167,7 @@ class Generation:
             self.new_ids = out[0, input_ids.shape[1]:].tolist()  # generated tokens only
         except BaseException as e:  # re-raised by the iterating thread; end the stream so it doesn't wait forever
             self.error = e
-            self.streamer.end()
+            self.streamer.queue.put(None)
 
     def cancel(self) -> None:
         self.flag.event.set()  # generate() checks it after the next token
@@ -127,8 +176,9 @@ class Generation:
         hold = max(map(len, self.stop_strings), default=1) - 1
         pending, hit_stop = "", False
         try:
-            for piece in self.streamer:
+            for piece, n_tokens in self.streamer:
                 pending += piece
+                self.ends.append((len(self.text) + len(pending), n_tokens))
                 cut = min((i for i in (pending.find(s) for s in self.stop_strings) if i >= 0), default=-1)
                 if cut >= 0:
                     pending, hit_stop = pending[:cut], True
@@ -155,7 +205,9 @@ class Generation:
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.new_ids or ())
+        """Tokens that make up `text`: up to the one that completed its last character. Not counted: the
+        end-of-turn token, tokens of a stop string and any generated after it (text that was never returned)."""
+        return next((n for chars, n in self.ends if chars >= len(self.text)), 0) if self.text else 0
 
 
 class ChatSession:

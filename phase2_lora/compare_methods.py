@@ -2,7 +2,8 @@
 
 Every method trains the same base model on the same batches (same seed, same order) for the same
 number of optimizer steps, each at its usual learning rate, then reports trainable parameters, peak
-memory, seconds, train/eval loss and the exact-match rate of greedy answers to training prompts.
+memory, seconds, train/eval loss and the exact-match rate of greedy answers to training prompts. Progress goes to
+stderr: a bar on a terminal, plain lines in a log.
 
     python phase2_lora/compare_methods.py                      # GPU: Qwen/Qwen1.5-1.8B-Chat, data/persona_zh.json
     python phase2_lora/compare_methods.py --tiny               # CPU: tiny random Qwen2, built on the fly
@@ -20,6 +21,7 @@ What each method trains (d = hidden size):
 import argparse
 import itertools
 import json
+import math
 import sys
 import tempfile
 import textwrap
@@ -28,10 +30,16 @@ from pathlib import Path
 
 import torch
 from benchmark_tools import PeakMemory, tensor_bytes, write_atomic
+from chat import OneLineArgumentParser, log, progress
+from qlora_model import UsageError, add_lora, compute_dtype, load_model, load_tokenizer, trainable_parameters  # 1st
+
+# isort: split
 from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
-from qlora_model import UsageError, add_lora, compute_dtype, load_model, load_tokenizer, trainable_parameters
 from sft_data import SFTCollator, load_sft_datasets
-from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
+if not sys.stderr.isatty():  # a log file: no "Loading weights" carriage-return bars in it, only progress()'s lines
+    hf_logging.disable_progress_bar()
 
 # Each method at its customary learning rate (QLoRA paper; peft's prompt/prefix/P-tuning guides; T-Few for IA3).
 METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "prompt": 3e-2, "ptuning": 1e-3, "prefix": 1e-2, "ia3": 3e-3}
@@ -39,8 +47,8 @@ NUM_VIRTUAL_TOKENS = 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name_or_path", default=None,
                    help="default Qwen/Qwen1.5-1.8B-Chat; with --tiny, a tiny model is built unless this is given")
     p.add_argument("--tiny", action="store_true", help="CPU-sized run: tiny random model, lr x10 (see --lr_scale); "
@@ -62,9 +70,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # Without a GPU, training the 1.8B model 6 times would take hours: compare on the tiny model instead.
     args.tiny = args.tiny or (args.model_name_or_path is None and not torch.cuda.is_available())
-    args.lr_scale = args.lr_scale or (10.0 if args.tiny else 1.0)
-    if min(args.steps, args.batch_size, args.max_seq_len, args.em_prompts + 1) < 1 or not 0 < args.val_size < 1:
-        p.error("--steps, --batch_size, --max_seq_len must be >= 1, --em_prompts >= 0, --val_size in (0, 1)")
+    if args.lr_scale is None:
+        args.lr_scale = 10.0 if args.tiny else 1.0
+    # Written so that nan fails too: every comparison with nan is False
+    if min(args.steps, args.batch_size, args.max_seq_len, args.em_prompts + 1,
+           1 if args.max_samples is None else args.max_samples) < 1:
+        p.error("--steps, --batch_size, --max_seq_len, --max_samples must be >= 1 and --em_prompts >= 0")
+    if not (0 < args.val_size < 1 and 0 < args.lr_scale < math.inf and 0 <= args.seed < 2**32):
+        p.error(f"need --val_size in (0, 1), 0 < --lr_scale < inf and --seed in 0..{2**32 - 1}, got "
+                f"{args.val_size}, {args.lr_scale} and {args.seed}")
     return args
 
 
@@ -168,11 +182,11 @@ def run_method(name: str, args, tokenizer, train_ds, val_ds) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=METHOD_LR[name] * args.lr_scale, weight_decay=0.0)
     stream = (batch for _ in itertools.count() for batch in train_loader)  # epochs without end
-    losses = []
+    steps, losses = progress(range(args.steps), f"{name}: train steps"), []
 
-    def train_steps(n: int) -> float:
+    def train_steps(some_steps) -> float:
         start = time.perf_counter()
-        for _ in tqdm(range(n), desc=name, leave=False, disable=not sys.stderr.isatty()):
+        for _ in some_steps:
             loss = loss_of(model, next(stream))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -184,10 +198,11 @@ def run_method(name: str, args, tokenizer, train_ds, val_ds) -> dict:
     # Peak memory: CUDA counters over every step; on CPU the tensor counter over step 1 only (it slows
     # every op; step 1 already holds weights, activations, gradients and the new optimizer state).
     with PeakMemory(device, baseline_bytes=tensor_bytes(model)) as mem:
-        train_steps(1)
-        seconds = train_steps(args.steps - 1) if cuda else None
+        train_steps(itertools.islice(steps, 1))
+        seconds = train_steps(steps) if cuda else None  # the rest (a plain loop: progress logs the last step)
     if not cuda:
-        seconds = train_steps(args.steps - 1)
+        seconds = train_steps(steps)
+    log(f"{name}: train and eval loss, exact match on {min(args.em_prompts, len(train_ds))} prompts ...")
     return {"method": name, "trainable_params": trainable, "total_params": total, "lr": METHOD_LR[name] * args.lr_scale,
             "peak_memory_mib": mem.allocated / 2**20, "peak_reserved_mib": mem.reserved / 2**20 if cuda else None,
             "seconds": seconds, "train_loss_before": loss_before, "train_loss": mean_loss(model, train_eval),
@@ -244,8 +259,10 @@ def run(args, model_dir: str | None) -> int:
                                                 log=lambda *a: None)
     print(f"{args.model_name_or_path}: {stats['train']} train / {stats['val']} val examples, {args.steps} steps of "
           f"batch {args.batch_size} per method, exact match on {min(args.em_prompts, len(train_ds))} training prompts")
-    rows = [run_method(name, args, tokenizer, train_ds, val_ds)
-            for name in tqdm(args.methods, desc="methods", disable=not sys.stderr.isatty())]
+    rows = []
+    for i, name in enumerate(args.methods, 1):
+        log(f"[{i}/{len(args.methods)}] {name}")
+        rows.append(run_method(name, args, tokenizer, train_ds, val_ds))
 
     cuda = torch.cuda.is_available()
     where = torch.cuda.get_device_name(0) if cuda else "CPU"

@@ -8,7 +8,7 @@ Per model (base = the same weights with the adapter switched off, so both load o
   exact match and character-level F1 of the greedy answer to each record's last user turn against its reference
     (the last assistant turn), generated through chat.py's code path (chat_session.Generation).
 Writes a JSON file and a Markdown table (--output, default <adapter>/eval.json and .md); the table goes to stdout.
-Model flags are chat.py's.
+Progress goes to stderr: a bar on a terminal, a plain line about every 10% in a log. Model flags are chat.py's.
 """
 
 import argparse
@@ -18,12 +18,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from chat import add_model_flags, check_model_args, die, log
+from chat import OneLineArgumentParser, add_model_flags, check_model_args, die, log, progress
+from model_names import resolve_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
     p.add_argument("--data_path", type=Path, nargs="+", required=True,
                    help="JSON/JSONL records (Alpaca, OpenAI messages or ShareGPT), as finetune.py reads them")
@@ -54,7 +55,7 @@ def char_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def eval_loss(model, dataset, adapter: bool) -> tuple[float, int]:
+def eval_loss(model, dataset, adapter: bool, name: str) -> tuple[float, int]:
     """(mean cross-entropy over target tokens, number of target tokens): summed over all records, then divided once."""
     from contextlib import nullcontext
 
@@ -62,7 +63,7 @@ def eval_loss(model, dataset, adapter: bool) -> tuple[float, int]:
 
     total, count = 0.0, 0
     with torch.inference_mode(), (nullcontext() if adapter else model.disable_adapter()):
-        for example in dataset:
+        for example in progress(dataset, f"{name}: eval loss"):
             ids = torch.tensor([example["input_ids"]], device=model.device)  # (1, T)
             labels = torch.tensor(example["labels"][1:], device=model.device)  # (T-1,) target of each position
             logits = model(input_ids=ids).logits[0, :-1].float()  # (T-1, V)
@@ -71,11 +72,11 @@ def eval_loss(model, dataset, adapter: bool) -> tuple[float, int]:
     return total / max(count, 1), count
 
 
-def answers(model, tokenizer, conversations, gen_kwargs, adapter: bool) -> list[str]:
+def answers(model, tokenizer, conversations, gen_kwargs, adapter: bool, name: str) -> list[str]:
     from chat_session import Generation, encode_chat
 
     out = []
-    for messages in conversations:
+    for messages in progress(conversations, f"{name}: greedy answers"):
         input_ids = encode_chat(tokenizer, messages[:-1])  # (1, T): up to the last user turn
         generation = Generation(model, tokenizer, input_ids, gen_kwargs, seed=0, adapter=adapter)
         out.append("".join(generation).strip())
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     from sft_data import load_conversations, load_sft_datasets
 
     try:
+        base = resolve_model(base, args.hub, UsageError)  # --hub modelscope: download, then load the folder
         model, tokenizer, window, stop_ids = load_for_chat(args, base, log=log)
         dataset, _, _ = load_sft_datasets(args.data_path, tokenizer, system=args.system,
                                           max_seq_len=min(args.max_seq_len, window), max_samples=args.max_samples,
@@ -113,8 +115,8 @@ def main(argv=None) -> int:
     gen_kwargs = cli_generation_kwargs(args, stop_ids, tokenizer.pad_token_id)
     results, per_record = {}, {}
     for name, adapter in (("base", False), ("base + LoRA", True)):
-        loss, n_tokens = eval_loss(model, dataset, adapter)
-        got = answers(model, tokenizer, conversations, gen_kwargs, adapter)
+        loss, n_tokens = eval_loss(model, dataset, adapter, name)
+        got = answers(model, tokenizer, conversations, gen_kwargs, adapter, name)
         per_record[name] = got
         results[name] = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700)), "target_tokens": n_tokens,
                          "exact_match": sum(a == r for a, r in zip(got, references, strict=True)) / len(references),

@@ -34,16 +34,18 @@ def pin_one_gpu(environ) -> str:
 if __name__ == "__main__":  # as a script: pin before the imports below can initialise CUDA
     pin_one_gpu(os.environ)
 
+import contextlib
 import importlib.util
 import json
 import signal
 import time
-import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 from chunked_loss import enable_chunked_loss
 from finetune_trainer import StopOnCtrlC, TokenStatsTrainer
+from model_names import add_hub_flag, resolve_model
 from qlora_model import (
     QUANTIZATIONS,
     UsageError,
@@ -54,12 +56,9 @@ from qlora_model import (
     trainable_parameters,
 )
 from run_files import check_output_dir, check_resume_args, data_fingerprint, save_loss_curve, write_run_args
-from sft_data import DEFAULT_CACHE_DIR, SFTCollator, describe, load_sft_datasets, parse_val_size
-from transformers import TrainingArguments, set_seed
+from sft_data import DEFAULT_CACHE_DIR, SFTCollator, describe, end_of_turn_text, load_sft_datasets, parse_val_size
+from transformers import AutoConfig, GenerationConfig, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
-
-# peft 0.21 still calls transformers' old gradient-checkpointing names; the warning is not actionable here.
-warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
 # Flags that define what the saved checkpoints are (data, model shape, optimisation): --resume refuses to
@@ -84,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name_or_path", default="Qwen/Qwen1.5-1.8B-Chat",
                    help="hub id or local directory of a causal LM with a chat template (Qwen2 architecture tested)")
+    add_hub_flag(p)
     p.add_argument("--data_path", nargs="+", default=["data/alpaca_data_cleaned.json"],
                    help="JSON list or JSONL files, format detected per file: Alpaca (instruction, input, output, "
                         "optional history), OpenAI messages or ShareGPT conversations; several are mixed")
@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_steps", type=positive_int, default=200)
     p.add_argument("--save_steps", type=positive_int, default=200, help="checkpoint every N steps (for --resume)")
     p.add_argument("--save_total_limit", type=positive_int, default=2, help="keep only the newest N checkpoints")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=seed, default=42, help="a whole number in [0, 2**32): numpy's seed range")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
     p.add_argument("--trust_remote_code", action="store_true", help="run model code from the hub (off: safer)")
     return p.parse_args(argv)
@@ -137,6 +137,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def seed(text: str) -> int:
+    if not text.isdigit() or int(text) >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected a whole number in [0, 2**32), got {text!r}")
     return int(text)
 
 
@@ -203,10 +209,43 @@ def prepare_output_dir(args) -> Path | None:
     return resume_from
 
 
+def stop_token_ids(name: str, tokenizer, trust_remote_code: bool = False) -> set[int]:
+    """The ids the model's files say generation stops at: the tokenizer's EOS, eos_token_id (int or list) of
+    config.json and of generation_config.json."""
+    ids = [tokenizer.eos_token_id]
+    for load in (partial(AutoConfig.from_pretrained, trust_remote_code=trust_remote_code),
+                 GenerationConfig.from_pretrained):
+        with contextlib.suppress(OSError):  # a file that is not there declares nothing (load_model reports it)
+            eos = load(name).eos_token_id
+            ids += eos if isinstance(eos, list) else [eos]
+    return set(ids) - {None}
+
+
+def check_chat_model(name: str, tokenizer, trust_remote_code: bool = False) -> None:
+    """Refuse a base model (Qwen/Qwen1.5-1.8B, not -Chat). It never saw ChatML: the embedding and lm_head rows of
+    <|im_start|>/<|im_end|> are untrained, and LoRA, which freezes them, cannot teach it to stop. The signal is in
+    the model's files, so local folders count too: a chat model stops at the token its template closes answers
+    with (Qwen1.5-Chat: <|im_end|>); a base model ships the same template but stops at <|endoftext|> only."""
+    if not tokenizer.chat_template:
+        raise UsageError(f"{name} has no chat template (a base model?): finetune.py trains the model's own chat "
+                         f"format; fine-tune a chat model such as Qwen/Qwen1.5-1.8B-Chat")
+    eot = end_of_turn_text(tokenizer)
+    eot_id, stops = tokenizer.convert_tokens_to_ids(eot), stop_token_ids(name, tokenizer, trust_remote_code)
+    if eot_id not in stops:
+        stops = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} ({i})" for i in sorted(stops))
+        raise UsageError(
+            f"{name} looks like a base model, not a chat model: its template ends each answer with {eot} (id "
+            f"{eot_id}) but it stops only at {stops}, so its {eot} rows were never "
+            f"trained and LoRA, which freezes embeddings and lm_head, cannot teach it to stop; fine-tune the chat "
+            f"model (e.g. Qwen/Qwen1.5-1.8B-Chat), or, if this is one, add {eot_id} to "
+            f"eos_token_id in its generation_config.json")
+
+
 def load_data(args):
-    """The model's own tokenizer and chat template, assistant-only labels (tokenised once: later runs and --resume
-    load the cache), train/val split, packing."""
+    """The model's own tokenizer and chat template (a chat model's: base models are refused), assistant-only
+    labels (tokenised once: later runs and --resume load the cache), train/val split, packing."""
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    check_chat_model(args.model_name_or_path, tokenizer, args.trust_remote_code)
     train_ds, val_ds, stats = load_sft_datasets(
         args.data_path, tokenizer, system=args.system, max_seq_len=args.max_seq_len, max_samples=args.max_samples,
         val_size=args.val_size, strict=args.strict, seed=args.seed, train_on_prompt=args.train_on_prompt,
@@ -358,6 +397,7 @@ def run(args) -> int:
     check_one_process_one_gpu()
     set_seed(args.seed)  # python, numpy and torch RNGs: LoRA init, data split and shuffling are reproducible
     resume_from = prepare_output_dir(args)
+    args.model_name_or_path = resolve_model(args.model_name_or_path, args.hub, UsageError)  # a folder, for modelscope
     tokenizer, train_ds, val_ds, stats = load_data(args)
     model, trainable, total = build_model(args)
     trainer = build_trainer(args, model, tokenizer, train_ds, val_ds)

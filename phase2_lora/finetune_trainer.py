@@ -1,17 +1,40 @@
 """The HF Trainer pieces of finetune.py: a Trainer that accounts per token, and a graceful Ctrl-C.
 
 TokenStatsTrainer changes three things about transformers' Trainer, each for a reason given where it is done:
-tokens/s at every logging step, the eval loss as a mean over target tokens, and a fast length-grouped sampler.
+tokens/s at every logging step, the eval loss as a mean over target tokens, and a length-grouped sampler that is
+fast and whose order is a function of (seed, epoch), so that --resume continues exactly.
 """
 
 import signal
 import sys
 import time
 
+import torch
 from chunked_loss import IGNORE_INDEX
 from sft_data import real_tokens
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' LengthGroupedSampler (batches of similar length), its order drawn from a generator seeded
+    with seed + epoch instead of the global RNG at the moment the iterator is created.
+
+    With the global RNG, a run resumed from a checkpoint in epoch k >= 1 draws epoch 0's order (the RNG was just
+    seeded), then skips epoch k's first batches in it: some examples train twice, others never. The Trainer calls
+    set_epoch(epoch) on the sampler before every epoch, the resumed one included (accelerate's DataLoaderShard
+    forwards it through skip_first_batches' SkipBatchSampler), so the resumed epoch gets its own order back."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class TokenStatsTrainer(Trainer):
@@ -27,12 +50,14 @@ class TokenStatsTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         # The Trainer hands LengthGroupedSampler `dataset["length"]`, which datasets >= 4 returns as a lazy
         # Column that the sampler then reads row by row (~1 ms a row: about a minute per epoch at 52k records,
-        # paid before the first step). `[:]` reads the column once, as a plain list.
+        # paid before the first step). `[:]` reads the column once, as a plain list. And the Trainer's sampler
+        # draws from the global RNG, which breaks --resume after epoch 0 (EpochLengthGroupedSampler says why).
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or "length" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    lengths=dataset["length"][:])
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                         lengths=dataset["length"][:], seed=seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:  # eval batches go through here too; count training only

@@ -6,14 +6,20 @@
   GET  /                      the chat page: multi-turn, answers stream token by token, Clear and Stop buttons
   GET  /v1/models             the served model; its id names the base and the adapter
   POST /v1/chat/completions   OpenAI's request: messages, max_tokens (or max_completion_tokens), temperature
-                              (0 = greedy), top_p, stop, seed, stream (+ stream_options.include_usage); usage counts
+                              (0 = greedy), top_p, stop, seed, n (1 only), stream (+ stream_options.include_usage);
+                              usage counts the tokens of the returned text. Ignored on purpose: model (one is
+                              served), user, store, metadata. Any other field (tools, logprobs, response_format,
+                              ...) gets 400 naming it, unless it asks for nothing (null, false, 0, "", [], {}).
 
 Model flags are chat.py's, and so is the generation code (chat_session.Generation): the model's own chat
 template, stopping at its end-of-turn token. Requests without a system message get --system (default: the one
 the adapter was trained with). One generation runs at a time; the others wait in arrival order. A client that
-disconnects stops its generation. Bad requests get OpenAI-style JSON errors with a 4xx status; POST bodies must
-be application/json (415 otherwise: a page on another site cannot send that without asking) of at most 2 MiB
-(413). The port is opened before the model loads, so a port in use fails at once.
+disconnects stops its generation. Bad requests get OpenAI-style JSON errors with a 4xx status (a message the chat
+template refuses too: 400 with the template's own message); POST bodies must be application/json (415 otherwise:
+a page on another site cannot send that without asking) of at most 2 MiB (413). Only requests whose Host header
+names this server are served (--host, localhost, 127.0.0.1, ::1; with --host 0.0.0.0 or :: any IP address too):
+a web page whose domain is re-pointed at 127.0.0.1 (DNS rebinding) sends its own name and gets 400. The port is
+opened before the model loads, so a port in use fails at once.
 """
 
 import argparse
@@ -21,6 +27,7 @@ import asyncio
 import contextlib
 import errno
 import hmac
+import ipaddress
 import json
 import socket
 import sys
@@ -30,29 +37,37 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from chat import add_model_flags, check_model_args, die, log
+from chat import MIN_TEMPERATURE, OneLineArgumentParser, add_model_flags, check_model_args, die, log
+from model_names import model_name, resolve_model
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 MAX_BODY = 2 << 20  # bytes per request: 32k tokens of history is ~300 kB even as \u-escaped JSON
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
+FIELDS = {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
+          "stream_options"}
+IGNORED = {"model", "user", "store", "metadata"}  # one model is served; OpenAI's bookkeeping means nothing here
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)  # --max_new_tokens etc. are the defaults of requests that leave those fields out
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default: %(default)s, this machine only); 0.0.0.0 opens the "
-                        "server to the network: add --api_key then")
+                        "server to the network: add --api_key then. Requests must name the server in their Host "
+                        "header: localhost, 127.0.0.1, ::1, this value, or with 0.0.0.0 or :: any IP address")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     p.add_argument("--api_key", default=None,
                    help="require the header 'Authorization: Bearer KEY' on /v1/* (default: no key)")
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         die(f"--port must be in 1..65535, got {args.port}")
-    if args.api_key is not None and not args.api_key.strip():
-        die("--api_key must not be empty")
+    key = args.api_key
+    if key is not None and not (key.strip() == key != "" and key.isascii() and key.isprintable()):
+        die("--api_key must be printable ASCII without leading or trailing spaces (HTTP headers carry latin-1 "
+            "bytes: a browser or client cannot send other characters); pick another key")
     return args
 
 
@@ -123,16 +138,20 @@ def parse_request(body, args, max_tokens_cap: int) -> ChatRequest:
     """The request's fields, checked; ChatRequest uses the server's flags for the ones left out."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
+    for name, value in body.items():  # a field that asks for nothing (null, false, 0, "", [], {}) is let through
+        if name not in FIELDS | IGNORED and value not in (None, False, 0, "", [], {}):
+            raise APIError(f"'{name}' is not supported by this server (it serves {', '.join(sorted(FIELDS))})", name)
     messages = check_messages(body.get("messages"))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = number(body, name, None, 1, max_tokens_cap, integer=True)
-    if body.get("n") not in (None, 1):
-        raise APIError("only 'n': 1 is supported", "n")
+    if body.get("n") is not None and (type(body["n"]) is not int or body["n"] != 1):  # True == 1 in Python
+        raise APIError(f"only 'n': 1 is supported, got {json.dumps(body['n'])}", "n")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise APIError(f"'stop' must be a non-empty string or a list of up to {MAX_STOP} of them", "stop")
-    if not isinstance(body.get("stream", False), bool):
+    stream = False if body.get("stream") is None else body["stream"]
+    if not isinstance(stream, bool):
         raise APIError("'stream' must be true or false", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
@@ -141,7 +160,7 @@ def parse_request(body, args, max_tokens_cap: int) -> ChatRequest:
                                                                 args.temperature, 0, 2),
                        top_p=number(body, "top_p", args.top_p, 0, 1, lo_open=True), stop=tuple(stop),
                        seed=number(body, "seed", None, 0, 2**32 - 1, integer=True),  # numpy's range
-                       stream=body.get("stream", False), include_usage=bool(options.get("include_usage")))
+                       stream=stream, include_usage=bool(options.get("include_usage")))
 
 
 # ---------------------------------------------------------------- the model side
@@ -156,18 +175,23 @@ class Server:
         self.args, self.lock = args, asyncio.Lock()
         self.running, self.count_lock = 0, threading.Lock()
         self.model, self.tokenizer, self.window, self.stop_ids = load_for_chat(args, base, log=log)
-        base_name = Path(base).name if Path(base).expanduser().is_dir() else base
+        base_name = model_name(base) if Path(base).expanduser().is_dir() else base  # a hub cache folder too
         self.model_id = base_name + (f"+{args.adapter.name}" if args.adapter else "")
         self.created = int(time.time())
 
     def prepare(self, request: ChatRequest):
-        """(prompt ids (1, T), generate() kwargs); a prompt that leaves no room to answer is an APIError."""
+        """(prompt ids (1, T), generate() kwargs); a prompt that leaves no room to answer, or one the chat template
+        refuses (say, roles out of order), is an APIError. Tokenising up to 2 MiB takes a while: run it on a thread."""
         from chat_session import encode_chat, generation_kwargs
+        from jinja2 import TemplateError
 
         messages = request.messages
         if self.args.system and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.args.system}, *messages]
-        input_ids = encode_chat(self.tokenizer, messages)  # (1, T)
+        try:
+            input_ids = encode_chat(self.tokenizer, messages)  # (1, T)
+        except TemplateError as e:  # the template's raise_exception("...") or a template bug: the client's to fix
+            raise APIError(f"the model's chat template refused the messages: {e}", "messages") from e
         room = self.window - input_ids.shape[1]
         max_tokens = request.max_tokens or min(self.args.max_new_tokens, room)
         if max_tokens > room or room < 1:
@@ -175,7 +199,7 @@ class Server:
                            f"+ {max_tokens} completion tokens were requested; shorten the messages or lower "
                            f"max_tokens", "messages", code="context_length_exceeded")
         kwargs = generation_kwargs(max_tokens, self.stop_ids, self.tokenizer.pad_token_id,
-                                   greedy=request.temperature == 0, temperature=request.temperature,
+                                   greedy=request.temperature < MIN_TEMPERATURE, temperature=request.temperature,
                                    top_p=request.top_p, top_k=self.args.top_k,
                                    repetition_penalty=self.args.repetition_penalty)
         return input_ids, kwargs
@@ -277,7 +301,8 @@ async def read_json(http):
 
 async def chat_completions(server: Server, http, event_stream):
     request = parse_request(await read_json(http), server.args, max_tokens_cap=server.window - 1)
-    input_ids, kwargs = server.prepare(request)
+    # Off the event loop: tokenising a long history would stall every stream and the disconnect checks meanwhile
+    input_ids, kwargs = await asyncio.to_thread(server.prepare, request)
     reply_id, created, stats, start = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), {}, time.perf_counter()
     head = {"id": reply_id, "created": created, "model": server.model_id}
     pieces = server.pieces(request, input_ids, kwargs, stats)
@@ -295,7 +320,22 @@ async def chat_completions(server: Server, http, event_stream):
         "logprobs": None}]}
 
 
-def create_app(server: Server, api_key: str | None = None):
+def host_allowed(header: str, bound: str) -> bool:
+    """Whether a Host header ("name", "name:port", "[v6]:port") names this server: localhost, the loopback
+    addresses or --host; when bound to every interface (0.0.0.0, ::), any IP address too. DNS rebinding always
+    sends a domain name (the attacker's), so refusing unknown names is enough."""
+    name = header.lower()
+    name = name[1:name.find("]")] if name.startswith("[") else name.rpartition(":")[0] if ":" in name else name
+    if name.rstrip(".") in LOCAL_HOSTS | {bound.lower()}:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return bound in ("0.0.0.0", "::", "")
+
+
+def create_app(server: Server, api_key: str | None = None, bound: str = "127.0.0.1"):
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import HTMLResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -309,16 +349,24 @@ def create_app(server: Server, api_key: str | None = None):
             finally:  # a client gone mid-stream: close the generator now (stops the model), not at garbage collection
                 await self.body_iterator.aclose()
 
-    app = FastAPI(title="phase2_lora serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, server_error)
+    async def check_host(request: Request):  # a dependency, not a middleware: BaseHTTPMiddleware hides disconnects
+        host = request.headers.get("host")
+        if host is not None and not host_allowed(host, bound):
+            raise APIError(f"Host {host!r} does not name this server (a DNS-rebinding page sends its own); open "
+                           f"http://127.0.0.1:PORT/ or http://localhost:PORT/, or start serve.py with --host "
+                           f"naming it", status=400, code="invalid_host")
 
-    async def check_key(request: Request):  # a dependency, not a middleware: BaseHTTPMiddleware hides disconnects
+    async def check_key(request: Request):
         sent = request.headers.get("authorization", "")
         if api_key and not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
             raise APIError("invalid or missing API key: send the header 'Authorization: Bearer KEY'", status=401,
                            code="invalid_api_key")
+
+    app = FastAPI(title="phase2_lora serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(check_host)])
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -373,7 +421,8 @@ def main(argv=None) -> int:
     from qlora_model import UsageError
 
     try:
-        app = create_app(Server(args, base), args.api_key)
+        base = resolve_model(base, args.hub, UsageError)  # --hub modelscope: download, then load the folder
+        app = create_app(Server(args, base), args.api_key, bound=args.host)
     except UsageError as e:
         die(str(e))
     if args.host not in ("127.0.0.1", "localhost", "::1"):

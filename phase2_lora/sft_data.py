@@ -2,9 +2,10 @@
 
 Pipeline: read JSON / JSONL files and normalise every record to chat messages (sft_formats.py: Alpaca with
 optional `history`, OpenAI `messages`, ShareGPT `conversations`; bad records reported) -> render with the
-tokenizer's own chat template -> labels = -100 except every assistant answer and its end-of-turn token ->
-truncate at a turn boundary -> cache (keyed by the data, the tokenizer, the template and every option that
-changes tokens) -> train/val split -> optional packing.
+tokenizer's own chat template -> labels = -100 except every assistant answer and its end-of-turn token (but not
+an OpenAI answer marked `weight: 0`) -> truncate at a turn boundary -> cache (keyed by the data, the tokenizer,
+the template, the transformers and tokenizers versions and every option that changes tokens) -> train/val split
+-> optional packing.
 The collator pads a batch to its longest row; packed rows carry position ids that restart at each example.
 """
 
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import tokenizers
 import torch
+import transformers
 from datasets import Dataset, Features, Sequence, Value, disable_progress_bars, enable_progress_bars
 from datasets.utils.logging import is_progress_bar_enabled
 from qlora_model import UsageError
@@ -29,7 +32,7 @@ from sft_formats import build_messages, load_conversations, read_json_records  #
 
 IGNORE_INDEX = -100  # label value that torch.nn.CrossEntropyLoss (and HF models) skip
 DEFAULT_CACHE_DIR = "data/cache"
-CACHE_VERSION = 2  # bump whenever the rules below change the tokens or labels: older caches stop matching
+CACHE_VERSION = 3  # bump whenever the rules below change the tokens or labels: older caches stop matching
 FEATURES = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                      "length": Value("int32")})  # int32: half of the default int64 on disk and in RAM
 
@@ -48,21 +51,27 @@ def end_of_turn_text(tokenizer) -> str | None:
     return tokenizer.eos_token
 
 
-def render(messages: list[dict], tokenizer, eot: str | None) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation as the chat template renders it, and the character spans to supervise: each
-    assistant answer up to and including the end-of-turn token that closes it.
+Span = tuple[int, int]  # [start, end) in characters of the rendered conversation
+
+
+def render(messages: list[dict], tokenizer, eot: str | None) -> tuple[str, list[Span], list[Span]]:
+    """The conversation as the chat template renders it, the character spans to supervise (each assistant
+    answer up to and including the end-of-turn token that closes it) and the spans of the answers marked
+    `weight: 0` (OpenAI format: shown to the model as context, never trained on).
 
     The span of turn i starts where the template's prompt for it (messages[:i] + generation prompt) ends,
     so no answer text is searched for: an answer repeated in a user turn cannot be picked up by mistake."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    starts = []
-    for i, m in enumerate(messages):
+    chat = [{"role": m["role"], "content": m["content"]} for m in messages]  # the template never sees `weight`
+    full = tokenizer.apply_chat_template(chat, tokenize=False)
+    starts, trained = [], []
+    for i, m in enumerate(chat):
         if m["role"] == "assistant":
-            prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)
             if not full.startswith(prompt):
                 raise UsageError("the chat template renders earlier turns differently once an answer follows "
                                  "(e.g. it rewrites history); multi-turn labels cannot be placed with this template")
             starts.append(len(prompt))
+            trained.append(messages[i].get("weight") != 0)  # absent (None after Arrow) or 1: trained on
     bounds, spans, eot_at = starts[1:] + [len(full)], [], -1
     for start, bound in zip(starts, bounds, strict=True):
         eot_at = full.find(eot, start, bound) if eot else -1
@@ -70,22 +79,26 @@ def render(messages: list[dict], tokenizer, eot: str | None) -> tuple[str, list[
     if spans and eot_at < 0 and tokenizer.eos_token:  # the last turn left open: append EOS to teach stopping
         full += tokenizer.eos_token
         spans[-1] = (spans[-1][0], len(full))
-    return full, spans
+    return (full, [s for s, t in zip(spans, trained, strict=True) if t],
+            [s for s, t in zip(spans, trained, strict=True) if not t])
 
 
-def label_example(ids: list[int], offsets: list, spans: list[tuple[int, int]], max_seq_len: int,
-                  train_on_prompt: bool) -> dict:
-    """Labels from character spans (token kept if it starts inside a span) and truncation to max_seq_len at
-    the end of the last assistant turn that fits; only if the first answer doesn't fit is it cut mid-way."""
+def label_example(ids: list[int], offsets: list, spans: list[Span], max_seq_len: int, train_on_prompt: bool,
+                  untrained: list[Span] = ()) -> dict:
+    """Labels from character spans (token kept if it starts inside a span; tokens inside an untrained span are
+    masked even with train_on_prompt) and truncation to max_seq_len at the end of the last supervised assistant
+    turn that fits; only if the first answer doesn't fit is it cut mid-way."""
     ids = np.asarray(ids, dtype=np.int64)
     token_start = np.asarray([start for start, _ in offsets], dtype=np.int64)
-    supervised = np.zeros(len(ids), dtype=bool)
+    supervised, excluded = np.zeros(len(ids), dtype=bool), np.zeros(len(ids), dtype=bool)
     turn_ends = []  # token index just past each answer's end-of-turn token
     for start, end in spans:
         inside = (token_start >= start) & (token_start < end)
         supervised |= inside
         turn_ends.append(int(np.flatnonzero(inside)[-1]) + 1 if inside.any() else 0)
-    labels = np.where(supervised | train_on_prompt, ids, IGNORE_INDEX)
+    for start, end in untrained:
+        excluded |= (token_start >= start) & (token_start < end)
+    labels = np.where((supervised | train_on_prompt) & ~excluded, ids, IGNORE_INDEX)
     cut, partial = len(ids), False
     if len(ids) > max_seq_len:
         fitting = [end for end in turn_ends if 0 < end <= max_seq_len]
@@ -96,8 +109,9 @@ def label_example(ids: list[int], offsets: list, spans: list[tuple[int, int]], m
 
 
 def tokenize_messages(messages: list[dict], tokenizer, max_seq_len: int, train_on_prompt: bool = False) -> dict:
-    """One conversation -> input_ids, labels (every assistant answer + its end-of-turn token; the rest -100,
-    or nothing masked with train_on_prompt), length, and truncation flags.
+    """One conversation -> input_ids, labels (every assistant answer + its end-of-turn token, except answers
+    marked `weight: 0`; the rest -100, or only those answers masked with train_on_prompt), length, and
+    truncation flags.
 
     The answer spans are found in characters and mapped to tokens with the offset mapping, so the mask never
     depends on the pad id: with pad == eos a pad-id-based mask would also hide the end-of-turn token, and the
@@ -112,18 +126,21 @@ def tokenize_batch(conversations: list[list[dict]], tokenizer, max_seq_len: int,
     rendered = [render(messages, tokenizer, eot) for messages in conversations]
     # One call for the batch: the fast (Rust) tokenizer splits it over its threads. The template wrote the
     # special tokens already, so none are added.
-    enc = tokenizer([full for full, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    return [label_example(ids, offsets, spans, max_seq_len, train_on_prompt)
-            for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True)]
+    enc = tokenizer([full for full, _, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    return [label_example(ids, offsets, spans, max_seq_len, train_on_prompt, untrained)
+            for ids, offsets, (_, spans, untrained) in zip(enc["input_ids"], enc["offset_mapping"], rendered,
+                                                           strict=True)]
 
 
 # ---------------------------------------------------------------- tokenise once: the on-disk cache
 
 def cache_key(paths, tokenizer, **options) -> str:
     """A digest of everything that decides the tokens: the data files' bytes (in order), the tokenizer's
-    vocabulary, merges and special tokens, its chat template, the options and CACHE_VERSION."""
+    vocabulary, merges and special tokens, its chat template, the transformers and tokenizers versions (they
+    render the template and split the text), the options and CACHE_VERSION."""
     h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "template": tokenizer.chat_template,
                                    "class": type(tokenizer).__name__, "special": tokenizer.all_special_tokens,
+                                   "libraries": [transformers.__version__, tokenizers.__version__],
                                    **options}, sort_keys=True, default=str).encode())
     for path in paths:
         if not Path(path).is_file():
@@ -246,7 +263,7 @@ def parse_val_size(text: str) -> float | int:
     value = float(text)
     if 0 < value < 1:
         return value
-    if value >= 0 and value == int(value):
+    if 0 <= value < 2**31 and value == int(value):  # inf, nan and absurd counts fall through to the error
         return int(value)
     raise ValueError(f"--val_size must be a fraction in (0, 1) or a whole count >= 0, got {text}")
 

@@ -4,7 +4,10 @@ Each file (a JSON list, or JSONL: one object per line) is one format, detected f
   Alpaca    {"instruction", "input" (optional), "output", "history" (optional [[user, assistant], ...]),
              "system" (optional)}
   messages  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}   (OpenAI)
+            an assistant message may carry "weight": 0 (kept as context, not trained on) or 1 (the default)
   ShareGPT  {"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...]}
+messages and ShareGPT records may also carry a top-level "system" string (LLaMA-Factory's layout): it becomes
+the system turn. A record's own system prompt wins over --system, which is the default for records without one.
 A usable conversation is an optional system message, then user and assistant turns alternating, ending with
 an answer. Anything else is reported by file and record index and skipped (or stops the run with --strict).
 """
@@ -97,21 +100,39 @@ def to_messages(rec, fmt: str, system: str | None) -> tuple[list[dict] | None, s
         return None, f"expected an object, got {type(rec).__name__}"
     if fmt == "alpaca":
         problem = alpaca_problem(rec)
-        messages = None if problem else build_messages(rec, system)
-    else:
-        key = FORMAT_KEYS[fmt]
-        turns = rec.get(key)
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            return None, f"field {key!r} must be a list of objects"
-        if fmt == "messages":
-            messages = [{"role": t.get("role"), "content": t.get("content")} for t in turns]
-        else:  # ShareGPT speaker names -> chat roles; unknown names stay as they are and fail below
-            messages = [{"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
-                        for t in turns]
-        if system and not (messages and messages[0]["role"] == "system"):  # the record's own system wins
-            messages.insert(0, {"role": "system", "content": system})
-        problem = None
-    return (None, problem) if problem else (messages, conversation_problem(messages, fmt))
+        return (None, problem) if problem else (build_messages(rec, system), None)
+    messages, problem = chat_turns(rec, fmt, system)
+    problem = problem or conversation_problem(messages, fmt)
+    if problem:
+        return None, problem
+    for m in messages:  # weight 1 is the default: only an untrained answer keeps the key
+        if m.pop("weight", 1) == 0:
+            m["weight"] = 0
+    return messages, None
+
+
+def chat_turns(rec: dict, fmt: str, system: str | None) -> tuple[list[dict] | None, str | None]:
+    """The turns of a messages or ShareGPT record as {role, content[, weight]}, system turn first when there
+    is one (the record's own, its top-level `system` field, else --system), or (None, why not)."""
+    key = FORMAT_KEYS[fmt]
+    turns = rec.get(key)
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return None, f"field {key!r} must be a list of objects"
+    if fmt == "messages":  # OpenAI fine-tuning format: `weight` is kept for conversation_problem to check
+        messages = [{"role": t.get("role"), "content": t.get("content"),
+                     **({"weight": t["weight"]} if "weight" in t else {})} for t in turns]
+    else:  # ShareGPT speaker names -> chat roles; unknown names stay as they are and fail below
+        messages = [{"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+                    for t in turns]
+    own = rec.get("system")
+    if own is not None and not isinstance(own, str):
+        return None, f"field 'system' is {type(own).__name__}, expected a string"
+    has_turn = bool(messages) and messages[0]["role"] == "system"
+    if own and has_turn and own != messages[0]["content"]:
+        return None, "both a top-level 'system' field and a system turn, with different texts; keep one"
+    if (own or system) and not has_turn:  # the record's own system wins over --system
+        messages.insert(0, {"role": "system", "content": own or system})
+    return messages, None
 
 
 def conversation_problem(messages: list[dict], fmt: str) -> str | None:
@@ -125,13 +146,19 @@ def conversation_problem(messages: list[dict], fmt: str) -> str | None:
             return f"message {i} ({m['role']}) content is {type(m['content']).__name__}, expected a string"
         if not m["content"].strip() and m["role"] != "system":
             return f"message {i} ({m['role']}) is empty"
+        if "weight" in m and (m["role"] != "assistant" or isinstance(m["weight"], bool) or m["weight"] not in (0, 1)):
+            return (f"message {i} ({m['role']}) has weight {m['weight']!r}; only assistant messages take a weight, "
+                    f"0 (not trained on) or 1 (trained on)")
         if m["role"] == "system" and i == 0:
             continue
         if m["role"] != expected:
             return f"turns don't alternate: message {i} is {m['role']!r}, expected {expected!r}"
         expected = "assistant" if expected == "user" else "user"
-    if not any(m["role"] == "assistant" for m in messages):
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if not answers:
         return "no assistant turn to learn from"
+    if not any(m.get("weight", 1) for m in answers):
+        return "every assistant turn has weight 0: nothing to learn from"
     if expected == "assistant":
         return f"ends with an unanswered user turn (message {len(messages) - 1})"
     return None

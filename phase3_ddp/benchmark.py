@@ -32,33 +32,36 @@ import time
 from pathlib import Path
 
 import torch
+from finetune_ddp import FailingArgumentParser, number, whole_number  # one-line errors, the same checks
 
 HERE = Path(__file__).resolve().parent
 WORDS = ["data", "parallel", "replica", "gradient", "all", "reduce", "bucket", "overlap", "rank", "world", "node",
          "shard", "optimizer", "state"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = FailingArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name_or_path", default="checkpoints/tiny-qwen",
                    help="model to train (build the default with phase2_lora/make_tiny_model.py)")
     p.add_argument("--quantization", choices=("4bit", "8bit", "none"), default="none")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA if available")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per rank per step")
-    p.add_argument("--answer_words", type=int, default=48, help="words per synthetic answer (sets sequence length)")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
-    p.add_argument("--nprocs", type=int, nargs="+", default=[1, 2], help="process counts to compare")
-    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--batch_size", type=whole_number(1), default=8, help="sequences per rank per step")
+    p.add_argument("--answer_words", type=whole_number(1, 100_000), default=48,
+                   help="words per synthetic answer (sets sequence length)")
+    p.add_argument("--steps", type=whole_number(1, 1_000_000), default=20, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=whole_number(0, 1_000_000), default=3, help="untimed optimizer steps first")
+    p.add_argument("--nprocs", type=whole_number(1, 1024), nargs="+", default=[1, 2], help="process counts to compare")
+    p.add_argument("--timeout", type=number(0, 30 * 86400, low_open=True), default=900, help="seconds per run")
     p.add_argument("--memory", action="store_true",
                    help="instead: peak RSS of finetune_ddp.py against phase2_lora/finetune.py (real vocabulary)")
-    p.add_argument("--vocab_size", type=int, default=151_936, help="--memory: vocabulary of the model copy")
-    args = p.parse_args(argv)
-    if min(args.batch_size, args.answer_words, args.steps, *args.nprocs) < 1 or args.warmup < 0:
-        p.error("--batch_size, --answer_words, --steps and --nprocs must be >= 1, --warmup >= 0")
-    if args.vocab_size < 2:
-        p.error(f"--vocab_size must be >= 2, got {args.vocab_size}")
+    p.add_argument("--vocab_size", type=whole_number(2, 1_000_000), default=151_936,
+                   help="--memory: vocabulary of the model copy")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     args.nprocs = sorted(set(args.nprocs))  # the smallest run is the baseline of the efficiency ratio
     return args
 

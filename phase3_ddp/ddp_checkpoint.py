@@ -6,6 +6,7 @@ A checkpoint is everything needed to continue as if nothing happened:
         adapter_model.safetensors   LoRA weights (identical on every rank: DDP keeps the replicas in sync)
         optimizer.pt                AdamW moments (with --zero: the shards of all ranks, consolidated on rank 0)
         scheduler.pt                learning-rate schedule position
+        scaler.pt                   fp16 GradScaler: loss scale and growth tracker ({} when not in fp16)
         rng_state.pt                torch (+ CUDA) and python RNG states of EVERY rank (dropout masks differ per rank)
         trainer_state.json          step, epoch, world size, global batch
 
@@ -22,9 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+# run_files imports qlora_model, which must come before peft (its log and warning filters): see its top
 from run_files import CHECKPOINT_PREFIX as PREFIX  # checkpoint-<step>: the HF Trainer's layout, as in phase 2
 from run_files import save_loss_curve
+
+# isort: split
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm import tqdm
@@ -54,7 +59,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(peft_model, optimizer, scheduler, state: dict, output_dir, keep: int) -> None:
+def save_checkpoint(peft_model, optimizer, scheduler, scaler, state: dict, output_dir, keep: int) -> None:
     """Collective: every rank calls it. Every rank's RNG state is gathered and the ZeRO shards are
     consolidated on rank 0, which alone writes (the LoRA weights are the same on every rank)."""
     rank = dist.get_rank()
@@ -65,12 +70,12 @@ def save_checkpoint(peft_model, optimizer, scheduler, state: dict, output_dir, k
     if rank == 0:
         path = write_checkpoint(Path(output_dir), state["step"], get_peft_model_state_dict(peft_model),
                                 peft_model.peft_config["default"], optimizer.state_dict(), scheduler.state_dict(),
-                                rng_states, state, keep=keep)
+                                scaler.state_dict(), rng_states, state, keep=keep)
         tqdm.write(f"step {state['step']} | checkpoint -> {path}")  # keeps rank 0's progress bar intact
 
 
 def write_checkpoint(output_dir: Path, step: int, adapter: dict, adapter_config, optimizer: dict, scheduler: dict,
-                     rng_states: list[dict], state: dict, keep: int = 2) -> Path:
+                     scaler: dict, rng_states: list[dict], state: dict, keep: int = 2) -> Path:
     """Rank 0 only. Write into a temp dir, rename it into place, then drop all but the newest `keep`."""
     final = Path(output_dir) / f"{PREFIX}{step}"
     tmp = Path(output_dir) / f".tmp-{final.name}"
@@ -81,6 +86,7 @@ def write_checkpoint(output_dir: Path, step: int, adapter: dict, adapter_config,
     adapter_config.save_pretrained(tmp)  # adapter_config.json: a checkpoint loads like any PEFT adapter
     torch.save(optimizer, tmp / "optimizer.pt")
     torch.save(scheduler, tmp / "scheduler.pt")
+    torch.save(scaler, tmp / "scaler.pt")
     torch.save(rng_states, tmp / "rng_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)  # same step saved by an attempt that crashed right after renaming
@@ -97,14 +103,17 @@ def read_checkpoint(ckpt: Path) -> dict:
         "optimizer": torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True),
         "scheduler": torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True),
         "rng": torch.load(ckpt / "rng_state.pt", map_location="cpu", weights_only=True),
+        "scaler": (torch.load(ckpt / "scaler.pt", weights_only=True) if (ckpt / "scaler.pt").is_file()
+                   else None),  # None: written before the scaler was saved
         **json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8")),
     }
 
 
-def restore_checkpoint(ckpt: Path | None, peft_model, optimizer, scheduler, log=print) -> dict | None:
+def restore_checkpoint(ckpt: Path | None, peft_model, optimizer, scheduler, scaler, log=print) -> dict | None:
     """Collective. Rank 0 reads `ckpt` and broadcasts it (no shared disk needed); every rank loads the LoRA
-    weights, optimizer (ZeRO: its own shard of the full dict), scheduler and, if the world size is unchanged,
-    its own RNG state. Returns the trainer state (step, epoch, log_history, ...), or None without a checkpoint."""
+    weights, optimizer (ZeRO: its own shard of the full dict), scheduler, fp16 loss scale and, if the world size
+    is unchanged, its own RNG state. Returns the trainer state (step, epoch, log_history, ...), or None without
+    a checkpoint."""
     payload = [read_checkpoint(ckpt) if dist.get_rank() == 0 and ckpt else None]
     dist.broadcast_object_list(payload, src=0)
     state = payload[0]
@@ -120,12 +129,19 @@ def restore_checkpoint(ckpt: Path | None, peft_model, optimizer, scheduler, log=
             param_state.update(param_state.pop(BNB_NESTED_STATE, {}))
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(state.pop("scheduler"))
+    scaler_state = state.pop("scaler")
+    if scaler.is_enabled() and scaler_state:  # fp16: the loss scale the run had reached, not 65,536 again
+        scaler.load_state_dict(scaler_state)
+    elif scaler.is_enabled():
+        log("resume: the checkpoint holds no GradScaler state (an older version wrote it): the fp16 loss scale "
+            "restarts at its initial value")
     rng = state.pop("rng")
     if state["world_size"] == dist.get_world_size():
         set_rng_state(rng[dist.get_rank()])
-    else:
-        log(f"resume: checkpoint has {state['world_size']} ranks, now {dist.get_world_size()}: "
-            "data order and dropout masks will differ from an uninterrupted run")
+    else:  # --resume checked that batch_size x ranks is unchanged, which is all the data order depends on
+        log(f"resume: checkpoint has {state['world_size']} ranks, now {dist.get_world_size()}: the same data order "
+            "(the same global micro-batch), but each rank's RNG starts afresh, so dropout masks differ from an "
+            "uninterrupted run")
     return state
 
 

@@ -6,13 +6,17 @@ collator) is sft_data.py, a byte-identical copy of phase2_lora/sft_data.py. This
 - load_on_rank0_first: rank 0 tokenises (and fills the cache) while the other ranks wait; then they load too.
 - LengthGroupedDistributedSampler: length-grouped micro-batches (little padding, as the HF Trainer's
   group_by_length in phase 2) that every rank derives from the same seeded order, so that each optimizer step
-  reads exactly the examples a single process with W times the batch would read.
+  reads exactly the examples a single process with W times the batch would read; every example once per epoch.
+- MaskedCopies: the dataset as that sampler indexes it, with the masked stand-ins a short micro-batch needs.
 """
+
+import math
 
 import torch
 import torch.distributed as dist
 from qlora_model import UsageError
-from torch.utils.data import Sampler
+from sft_data import IGNORE_INDEX
+from torch.utils.data import Dataset, Sampler
 
 
 def load_on_rank0_first(load):
@@ -44,8 +48,11 @@ class LengthGroupedDistributedSampler(Sampler[list[int]]):
          so that a sequence length that does not fit in memory fails on step 1, not hours into the run;
       4. rank r takes examples r, r+W, r+2W, ... of each global micro-batch.
     The order depends on W only through the global micro-batch, so 2 ranks x 2 sequences read the same
-    examples per step as 1 process x 4 sequences: the runs are identical (tests/test_ddp.py). Incomplete
-    global micro-batches are dropped, so every rank gets the same number of micro-batches.
+    examples per step as 1 process x 4 sequences: the runs are identical (tests/test_ddp.py).
+    Nothing is dropped: when len % (batch_size x W) != 0, one global micro-batch is short. Every rank still gets
+    one micro-batch per global one (DDP needs the same number of backward passes on every rank); a rank left
+    with no example of the short one gets a masked copy of its first example (index -1 - i, see MaskedCopies):
+    no target token, so no loss, no gradient and no change to the token count the loss is normalised by.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, num_replicas: int, rank: int, seed: int):
@@ -58,13 +65,13 @@ class LengthGroupedDistributedSampler(Sampler[list[int]]):
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return len(self.lengths) // self.global_batch - self.skip
+        return math.ceil(len(self.lengths) / self.global_batch) - self.skip
 
     def global_batches(self) -> list[list[int]]:
         """The global micro-batches of the current epoch, in training order (steps 1-3 above)."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        n_batches = len(self.lengths) // self.global_batch
-        order = torch.randperm(len(self.lengths), generator=g)[:n_batches * self.global_batch].tolist()
+        n_batches = math.ceil(len(self.lengths) / self.global_batch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
         per_mega = max(1, min(50, n_batches // 4)) * self.global_batch  # >= 4 megabatches: groups change per epoch
         batches = []
         for start in range(0, len(order), per_mega):
@@ -77,4 +84,22 @@ class LengthGroupedDistributedSampler(Sampler[list[int]]):
 
     def __iter__(self):
         for batch in self.global_batches()[self.skip:]:
-            yield batch[self.rank::self.num_replicas]
+            yield batch[self.rank::self.num_replicas] or [-1 - batch[0]]  # nothing left for this rank: a masked copy
+
+
+class MaskedCopies(Dataset):
+    """The training set as LengthGroupedDistributedSampler indexes it: i >= 0 is example i; -1 - i is example i
+    with every label IGNORE_INDEX, the stand-in of a rank that has no example in the short global micro-batch."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        if i >= 0:
+            return self.ds[i]
+        example = dict(self.ds[-1 - i])
+        example["labels"] = [IGNORE_INDEX] * len(example["labels"])
+        return example

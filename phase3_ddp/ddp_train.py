@@ -8,6 +8,7 @@ optimizer (paged 8-bit AdamW on CUDA, optionally ZeRO-1) -> resume -> train loop
 """
 
 import importlib.util
+import itertools
 import math
 import os
 import sys
@@ -17,11 +18,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from chunked_loss import enable_chunked_loss
 from ddp_checkpoint import restore_checkpoint, save_checkpoint, save_final
-from ddp_data import LengthGroupedDistributedSampler, load_on_rank0_first
+from ddp_data import LengthGroupedDistributedSampler, MaskedCopies, load_on_rank0_first
 from qlora_model import UsageError, add_lora, compute_dtype, load_model, load_tokenizer, trainable_parameters
 from run_files import check_output_dir, check_resume_args, data_fingerprint, write_run_args
 from sft_data import IGNORE_INDEX, SFTCollator, describe, load_sft_datasets, parse_val_size, real_tokens
@@ -32,20 +34,20 @@ from tqdm import tqdm
 from transformers import get_scheduler
 from transformers.utils import logging as hf_logging
 
-# Flags that define what the checkpoints are (data, model shape, optimisation): --resume refuses to change them
-# (phase 2's list, plus the optimizer, whose state format differs, and the global batch, which the number of ranks
-# changes). How long to train, logging and saving may change.
+# Flags that define what the checkpoints are (data, model shape, optimisation): --resume refuses to change them.
+# Phase 2's list, with two changes. The batch: the data order depends only on the global micro-batch (batch_size x
+# ranks) and grad_accum, so 4 ranks x 2 may resume 2 ranks x 4. Added: the optimizer and the device, as resolved
+# (--optim auto is 8-bit AdamW on CUDA, torch AdamW on CPU: their states do not load into each other).
+# How long to train, logging and saving may change; so may the data files' paths while their bytes stay the same.
 RESUME_KEYS = ("data_path", "data_sha256", "max_samples", "val_size", "system", "max_seq_len", "train_on_prompt",
                "packing",
                "seed", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
-               "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "optim",
-               "global_batch")
+               "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "global_micro_batch", "grad_accum",
+               "optim", "device")
 IS_RANK0 = int(os.environ.get("RANK", 0)) == 0  # set by torchrun; plain python is rank 0 of 1
 RESTART_COUNT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # > 0: torchrun restarted us after a failure
 # Progress bars only for a person watching a terminal; logs (a pipe, `> train.log`) get plain lines instead.
 SHOW_BARS = IS_RANK0 and sys.stderr.isatty()
-# peft 0.21 still calls transformers' old gradient-checkpointing names; the warning is not actionable here.
-warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 def say(*args) -> None:
@@ -54,16 +56,18 @@ def say(*args) -> None:
         tqdm.write(" ".join(map(str, args)))  # above rank 0's progress bar, if there is one
 
 
-def check_run(args) -> Path | None:
+def check_run(args, device: torch.device) -> Path | None:
     """Checks that need no peer, run on every rank identically BEFORE the process group exists, so a bad value or
     output dir makes every rank fail at once and none is left waiting at a collective. Returns the checkpoint to
-    resume from (None: start from scratch). Also quiets all ranks but 0, and progress bars off a terminal."""
+    resume from (None: start from scratch). Also quiets all ranks but 0, and progress bars off a terminal.
+    --device and --optim are replaced by what they resolve to here, so run_args.json records what ran."""
     if not IS_RANK0:  # what the libraries and run_files print is the same on every rank: rank 0 shows it
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process); errors go to stderr
         hf_logging.set_verbosity_error()
         warnings.filterwarnings("ignore")
     if not SHOW_BARS:
         hf_logging.disable_progress_bar()
+    args.device, args.optim = device.type, resolved_optim(args.optim, device)
     try:
         args.val_size = parse_val_size(args.val_size)
     except ValueError as e:
@@ -78,12 +82,18 @@ def check_run(args) -> Path | None:
 
 def run_args_dict(args) -> dict:
     """The settings recorded in run_args.json; data paths resolved, so a resume from another working directory
-    compares the same files, and their content's hash, so an edited file counts as new. The global batch is
-    recorded too: resuming on another number of ranks would change it."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))  # the global batch, hence the run, depends on it
+    compares the same files, and their content's hash, so an edited file counts as new. Recorded too: the global
+    micro-batch, which fixes the data order (another number of ranks must compensate with --batch_size)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     return {**vars(args), "data_path": [str(Path(p).resolve()) for p in args.data_path],
-            "data_sha256": data_fingerprint(args.data_path),
+            "data_sha256": data_fingerprint(args.data_path), "world_size": world_size,
+            "global_micro_batch": args.batch_size * world_size,
             "global_batch": args.batch_size * args.grad_accum * world_size}
+
+
+def resolved_optim(optim: str, device: torch.device) -> str:
+    """--optim auto: paged 8-bit AdamW on CUDA (phase 2's choice), torch AdamW elsewhere."""
+    return optim if optim != "auto" else ("paged_adamw_8bit" if device.type == "cuda" else "adamw_torch")
 
 
 # ---------------------------------------------------------------- the steps of the recipe
@@ -105,17 +115,37 @@ def load_data(args):
         cache_dir=None if args.no_cache else args.cache_dir, packing=args.packing,
         overwrite_cache=args.overwrite_cache and IS_RANK0))  # the others then read rank 0's fresh cache
     say(describe(stats, args.max_seq_len))
+    stats["target_tokens"] = target_tokens(train_ds)
     world = dist.get_world_size()
-    global_batch = args.batch_size * args.grad_accum * world
-    # Every rank gets len // W examples in whole micro-batches and whole windows (the rest of an epoch is dropped).
-    steps_per_epoch = len(train_ds) // (args.batch_size * world) // args.grad_accum
-    if steps_per_epoch == 0:
-        raise UsageError(f"{len(train_ds)} training examples are fewer than one global batch of {global_batch} "
-                         f"(batch_size x grad_accum x {world} ranks); lower them or add data")
+    global_batch, micro = args.batch_size * args.grad_accum * world, args.batch_size * world
+    # Every example once per epoch (ddp_data.LengthGroupedDistributedSampler): the last global micro-batch may be
+    # short, and the last step of an epoch may have fewer micro-batches; the loss is normalised by the tokens the
+    # step holds, so a short step is still a token mean.
+    n_micro = math.ceil(len(train_ds) / micro)
+    steps_per_epoch = math.ceil(n_micro / args.grad_accum)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * steps_per_epoch)
     say(f"global batch = {args.batch_size} per rank x {args.grad_accum} accumulation x {world} ranks "
         f"= {global_batch} sequences per optimizer step; {steps_per_epoch} steps per epoch, {total_steps} steps")
+    say(epoch_note(len(train_ds), micro, world, n_micro, args.grad_accum))
     return tokenizer, train_ds, val_ds, stats, Plan(global_batch, steps_per_epoch, total_steps)
+
+
+def target_tokens(ds) -> int:
+    """Supervised tokens in one epoch of ds: labels != IGNORE_INDEX, less each row's first (it predicts nothing)."""
+    labels = ds.with_format("arrow")["labels"].combine_chunks()  # (rows, variable length), the split's rows
+    supervised = pc.sum(pc.not_equal(labels.flatten(), IGNORE_INDEX)).as_py() or 0
+    return supervised - (pc.sum(pc.not_equal(pc.list_element(labels, 0), IGNORE_INDEX)).as_py() or 0)
+
+
+def epoch_note(n: int, micro: int, world: int, n_micro: int, grad_accum: int) -> str:
+    """The start-up line that says how an epoch's examples fill its steps (none is dropped)."""
+    note = f"every one of the {n} training examples is trained once per epoch"
+    if n % micro:
+        masked = f" ({world - n % micro} rank(s) run a masked copy: no loss, no tokens)" if n % micro < world else ""
+        note += f"; one global micro-batch holds {n % micro} of {micro}{masked}"
+    if n_micro % grad_accum:
+        note += f"; the last step of an epoch has {n_micro % grad_accum} of {grad_accum} micro-batches"
+    return note
 
 
 def build_model(args, device: torch.device):
@@ -149,8 +179,7 @@ def wrap_ddp(model, device: torch.device) -> DDP:
 def build_optimizer(args, ddp_model: DDP, total_steps: int, device: torch.device):
     """Paged 8-bit AdamW on CUDA (Adam's moments in 8 bits, paged to CPU RAM under memory spikes: phase 2's
     choice); torch AdamW elsewhere. Without --zero each rank keeps the full state; with it, 1/W of it."""
-    name = args.optim if args.optim != "auto" else ("paged_adamw_8bit" if device.type == "cuda" else "adamw_torch")
-    if name == "paged_adamw_8bit":
+    if resolved_optim(args.optim, device) == "paged_adamw_8bit":
         import bitsandbytes as bnb
         optimizer_class = bnb.optim.PagedAdamW8bit  # on CPU bitsandbytes warns and runs it unpaged
     else:
@@ -190,9 +219,9 @@ def record(engine: Engine, log_history: list, entry: dict) -> None:
             engine.writer.add_scalar(("eval/" if key.startswith("eval") else "train/") + key, value, entry["step"])
 
 
-def train_step(engine: Engine, window: list[dict]) -> tuple[float, int, int]:
-    """One optimizer step over this rank's micro-batches. Returns (global mean loss, global target tokens,
-    global real tokens).
+def train_step(engine: Engine, window: list[dict]) -> tuple[float, float, int, int]:
+    """One optimizer step over this rank's micro-batches. Returns (global mean loss, gradient norm before
+    clipping, global target tokens, global real tokens).
 
     The loss we want is the mean over every target token of the GLOBAL batch. Ranks hold different numbers
     of target tokens, so averaging W per-rank means (what DDP's gradient averaging does with a plain token-mean
@@ -215,15 +244,16 @@ def train_step(engine: Engine, window: list[dict]) -> tuple[float, int, int]:
             engine.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     engine.scaler.unscale_(engine.optimizer)
-    if engine.max_grad_norm > 0:  # grads are identical on all ranks after the all-reduce, so is the clipping
-        params = [p for p in engine.ddp_model.parameters() if p.requires_grad]
-        torch.nn.utils.clip_grad_norm_(params, engine.max_grad_norm)
+    # Grads are identical on all ranks after the all-reduce, so is the norm (logged: the gradient of the global
+    # token-mean loss, comparable between runs on any number of ranks) and the clipping (0: none).
+    params = [p for p in engine.ddp_model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.max_grad_norm or math.inf)
     engine.scaler.step(engine.optimizer)  # with ZeRO-1: each rank updates its shard, then broadcasts the weights
     engine.scaler.update()
     engine.scheduler.step()
     engine.optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(loss_sum)  # for logging only: W x (all ranks' CE) / N
-    return loss_sum.item() / dist.get_world_size(), int(counts[0]), int(counts[1])
+    return loss_sum.item() / dist.get_world_size(), grad_norm.item(), int(counts[0]), int(counts[1])
 
 
 @torch.no_grad()
@@ -252,7 +282,8 @@ def train_loop(args, engine: Engine, train_ds, val_ds, collate, plan: Plan, step
     sampler = LengthGroupedDistributedSampler(train_ds["length"][:], args.batch_size, dist.get_world_size(),
                                               dist.get_rank(), seed=args.seed)
     # generator=: making an iterator draws a seed from it; the global RNG must stay untouched for an exact resume.
-    loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
+    loader = DataLoader(MaskedCopies(train_ds), batch_sampler=sampler, collate_fn=collate,
+                        generator=torch.Generator())
     engine.ddp_model.train()
     bar = tqdm(total=plan.total_steps, initial=step, desc="train", disable=not SHOW_BARS)
     t_start, start_step = time.perf_counter(), step
@@ -262,11 +293,13 @@ def train_loop(args, engine: Engine, train_ds, val_ds, collate, plan: Plan, step
         batches = iter(loader)
         for _ in range(skip, plan.steps_per_epoch):
             t0 = time.perf_counter()
-            loss, n_targets, n_tokens = train_step(engine, [next(batches) for _ in range(args.grad_accum)])
+            window = list(itertools.islice(batches, args.grad_accum))  # the epoch's last one may be shorter
+            loss, grad_norm, n_targets, n_tokens = train_step(engine, window)
             step += 1
             seconds, lr = time.perf_counter() - t0, engine.scheduler.get_last_lr()[0]
-            record(engine, log_history, {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": n_targets,
-                                         "tokens_per_second": n_tokens / seconds, "seconds": seconds})
+            record(engine, log_history, {"step": step, "epoch": epoch, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                                         "tokens": n_targets, "tokens_per_second": n_tokens / seconds,
+                                         "seconds": seconds})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if step % args.logging_steps == 0 or step == start_step + 1:
@@ -288,8 +321,8 @@ def after_step(args, engine: Engine, val_ds, collate, plan: Plan, step: int, epo
         state = {"step": step, "epoch": epoch, "world_size": dist.get_world_size(),
                  "global_batch": plan.global_batch, "log_history": log_history}
         dist.barrier()  # every rank has finished this step before the save starts
-        save_checkpoint(engine.ddp_model.module, engine.optimizer, engine.scheduler, state, args.output_dir,
-                        args.save_total_limit)
+        save_checkpoint(engine.ddp_model.module, engine.optimizer, engine.scheduler, engine.scaler, state,
+                        args.output_dir, args.save_total_limit)
         dist.barrier()  # no rank runs ahead (and maybe crashes) before the checkpoint is on disk
 
 
@@ -353,7 +386,8 @@ def train(args, device: torch.device, resume_from: Path | None) -> None:
     optimizer, scheduler = build_optimizer(args, ddp_model, plan.total_steps, device)
     engine = Engine(ddp_model, optimizer, scheduler, device, args.max_grad_norm, writer=tensorboard_writer(args))
     torch.manual_seed(args.seed + dist.get_rank())  # training randomness (dropout) differs per rank
-    state = restore_checkpoint(resume_from, model, optimizer, scheduler, log=say) or {"step": 0, "log_history": []}
+    state = restore_checkpoint(resume_from, model, optimizer, scheduler, engine.scaler, log=say) or {
+        "step": 0, "log_history": []}
     if state["step"]:
         say(f"resumed from step {state['step']} (restart {RESTART_COUNT})")
     if IS_RANK0:

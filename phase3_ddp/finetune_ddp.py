@@ -15,13 +15,17 @@ evaluation and checkpoints -> rank 0 saves the PEFT adapter).
 """
 
 import argparse
+import json
+import math
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from model_names import add_hub_flag, resolve_model
 
 # torchrun sets these for every process it starts; plain `python` gets the defaults (one process).
 RANK = int(os.environ.get("RANK", 0))                          # global index of this process, 0..W-1
@@ -32,6 +36,7 @@ RESTART_COUNT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # > 0: tor
 QUANTIZATIONS = ("4bit", "8bit", "none")  # qlora_model.QUANTIZATIONS, not imported: it would pull in peft
 OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_torch")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")  # as phase 2
+INT_MAX = 2**31 - 1  # counts above this are typos (and would overflow the int32 token and index arrays)
 
 
 def fail(message: str) -> NoReturn:
@@ -40,6 +45,10 @@ def fail(message: str) -> NoReturn:
     left to rank 0 alone would be lost whenever another rank exits first."""
     prefix = f"[rank{RANK}]: " if WORLD_SIZE > 1 else ""
     print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each worker it starts
+    if error_file:  # torchrun's failure report then shows this line, not a link to its docs on tracebacks
+        with open(error_file, "w", encoding="utf-8") as f:
+            json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
     sys.exit(2)
 
 
@@ -48,49 +57,69 @@ class FailingArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
+def whole_number(low: int, high: int = INT_MAX):
+    """argparse type: a whole number in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number in [{low}, {high}], got {text!r}")
+        return value
+    return parse
 
 
-def _float(text: str, ok, expected: str) -> float:
+def number(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """argparse type: a finite number in the interval from low to high ("(" / ")": that end excluded)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        above = low < value if low_open else low <= value  # nan fails every comparison, so it is refused too
+        below = value < high if high_open else value <= high
+        if not (above and below and math.isfinite(value)):
+            interval = f"{'(' if low_open else '['}{low:_}, {high:_}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
+        return value
+    return parse
+
+
+def val_size(text: str) -> str:
+    """--val_size: a fraction in (0, 1) or a whole count; checked here (inf, nan: one line), parsed by
+    sft_data.parse_val_size in ddp_train.check_run."""
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not ok(value):  # nan fails every comparison, so it lands here too
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    return _float(text, lambda v: 0 < v < float("inf"), "a number > 0")
-
-
-def nonnegative_float(text: str) -> float:
-    return _float(text, lambda v: 0 <= v < float("inf"), "a number >= 0")
-
-
-def fraction(text: str) -> float:
-    return _float(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        value = math.nan
+    if not (0 < value < 1 or (0 <= value <= INT_MAX and value == int(value))):  # nan, inf: refused here
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a whole count >= 0, got {text!r}")
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     """The flags of phase2_lora/finetune.py (same names, defaults and checks) plus the DDP ones. --batch_size is
-    per rank: the global batch is batch_size x grad_accum x W."""
+    per rank: the global batch is batch_size x grad_accum x W. Every number is checked to a finite range here:
+    a bad value is one line and exit 2 on every rank, within a second."""
     p = FailingArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_name_or_path", default="Qwen/Qwen1.5-1.8B-Chat",
                    help="hub id or local directory of a causal LM with a chat template (Qwen2 architecture tested)")
+    add_hub_flag(p)
     p.add_argument("--data_path", nargs="+", default=["data/alpaca_data_cleaned.json"],
                    help="JSON list or JSONL files: Alpaca (instruction/input/output, optional history), OpenAI "
                         "messages or ShareGPT conversations, detected per file; several are mixed")
     p.add_argument("--output_dir", default="checkpoints/qwen1.5-1.8b-lora-ddp")
     p.add_argument("--system", default=None, help="system prompt for every example (default: the template's own)")
-    p.add_argument("--max_seq_len", type=positive_int, default=512, help="longer examples are truncated (and counted)")
-    p.add_argument("--max_samples", type=positive_int, default=None, help="use only the first N valid records")
-    p.add_argument("--val_size", default="0.02",  # parsed by ddp_train.check_run (sft_data.parse_val_size)
+    p.add_argument("--max_seq_len", type=whole_number(1, 2**20), default=512,
+                   help="longer examples are truncated (and counted)")
+    p.add_argument("--max_samples", type=whole_number(1), default=None, help="use only the first N valid records")
+    p.add_argument("--val_size", type=val_size, default="0.02",  # kept as text: sft_data.parse_val_size parses it
                    help="held-out records: a fraction in (0, 1) or a count; 0 turns evaluation off")
     p.add_argument("--strict", action="store_true", help="stop at the first invalid record instead of skipping it")
     p.add_argument("--train_on_prompt", action="store_true",
@@ -102,40 +131,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tokenizer, template and options")
     p.add_argument("--no_cache", action="store_true", help="tokenise from scratch and write no cache")
     p.add_argument("--overwrite_cache", action="store_true", help="tokenise again and replace the cached copy")
-    p.add_argument("--epochs", type=positive_float, default=1.0)
-    p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--lr", type=positive_float, default=2e-4, help="peak learning rate")
+    p.add_argument("--epochs", type=number(0, 10_000, low_open=True), default=1.0)
+    p.add_argument("--max_steps", type=whole_number(-1), default=-1,
+                   help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--lr", type=number(0, 1, low_open=True), default=2e-4, help="peak learning rate")
     p.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="cosine",
                    help="learning-rate schedule after the warmup (cosine: decay to 0 at the last step)")
-    p.add_argument("--warmup_ratio", type=fraction, default=0.03, help="fraction of steps with linear warmup")
-    p.add_argument("--weight_decay", type=nonnegative_float, default=0.0,
+    p.add_argument("--warmup_ratio", type=number(0, 1, high_open=True), default=0.03,
+                   help="fraction of steps with linear warmup")
+    p.add_argument("--weight_decay", type=number(0, 1), default=0.0,
                    help="AdamW decoupled weight decay on the LoRA matrices")
-    p.add_argument("--max_grad_norm", type=nonnegative_float, default=1.0,
+    p.add_argument("--max_grad_norm", type=number(0, math.inf, high_open=True), default=1.0,
                    help="clip the global gradient norm to this value; 0 turns clipping off")
-    p.add_argument("--batch_size", type=positive_int, default=4, help="sequences per forward pass PER RANK")
-    p.add_argument("--grad_accum", type=positive_int, default=4, help="forward passes per optimizer step")
-    p.add_argument("--lora_r", type=positive_int, default=16, help="rank of the LoRA update B A")
-    p.add_argument("--lora_alpha", type=positive_int, default=32, help="LoRA scale: the update is (alpha / r) B A")
-    p.add_argument("--lora_dropout", type=fraction, default=0.05, help="dropout on the LoRA branch input")
+    p.add_argument("--batch_size", type=whole_number(1), default=4, help="sequences per forward pass PER RANK")
+    p.add_argument("--grad_accum", type=whole_number(1), default=4, help="forward passes per optimizer step")
+    p.add_argument("--lora_r", type=whole_number(1), default=16, help="rank of the LoRA update B A")
+    p.add_argument("--lora_alpha", type=whole_number(1), default=32, help="LoRA scale: the update is (alpha / r) B A")
+    p.add_argument("--lora_dropout", type=number(0, 1, high_open=True), default=0.05,
+                   help="dropout on the LoRA branch input")
     p.add_argument("--target_modules", nargs="+", default=["all-linear"],
                    help="layer names that get LoRA, e.g. q_proj v_proj; all-linear = every linear layer but lm_head")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="4bit", help="base weights: 4bit = QLoRA")
-    p.add_argument("--logging_steps", type=positive_int, default=10,
+    p.add_argument("--logging_steps", type=whole_number(1), default=10,
                    help="log loss, learning rate and tokens/s every N steps")
     p.add_argument("--report_to", choices=("none", "tensorboard"), default="none",
                    help="tensorboard: also write event files under <output_dir>/runs (pip install tensorboard)")
-    p.add_argument("--eval_steps", type=positive_int, default=200, help="evaluate every N steps and at the end")
-    p.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (0: never)")
-    p.add_argument("--save_total_limit", type=positive_int, default=2, help="keep only the newest N checkpoints")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval_steps", type=whole_number(1), default=200, help="evaluate every N steps and at the end")
+    p.add_argument("--save_steps", type=whole_number(0), default=200, help="checkpoint every N steps (0: never)")
+    p.add_argument("--save_total_limit", type=whole_number(1), default=2, help="keep only the newest N checkpoints")
+    p.add_argument("--seed", type=whole_number(0, 2**32 - 1), default=42, help="numpy takes [0, 2**32)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir "
                    "(automatic when torchrun --max-restarts restarts the group)")
     p.add_argument("--trust_remote_code", action="store_true", help="run model code from the hub (off: safer)")
     add_ddp_flags(p)
-    args = p.parse_args(argv)
-    if args.save_steps < 0:
-        p.error(f"argument --save_steps: expected a whole number >= 0, got {args.save_steps}")
-    return args
+    return p
 
 
 def add_ddp_flags(p: argparse.ArgumentParser) -> None:
@@ -146,7 +175,7 @@ def add_ddp_flags(p: argparse.ArgumentParser) -> None:
                    help="ZeRO-1: torch ZeroRedundancyOptimizer wraps the chosen optimizer (paged 8-bit AdamW too), "
                         "so each rank keeps the optimizer state of 1/W of the LoRA weights")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA if available")
-    p.add_argument("--dist_timeout", type=positive_float, default=1800,
+    p.add_argument("--dist_timeout", type=number(0, 30 * 86400, low_open=True), default=1800,
                    help="seconds a collective may wait for a peer")
 
 
@@ -186,7 +215,9 @@ def main(argv=None) -> None:
     # The heavy imports only now: a wrong launch costs a second, not the ~10 s of importing transformers + peft.
     from ddp_train import UsageError, check_run, train
     try:
-        resume_from = check_run(args)
+        resume_from = check_run(args, device)
+        # --hub modelscope: every rank resolves the id to the local folder (modelscope locks each file it fetches)
+        args.model_name_or_path = resolve_model(args.model_name_or_path, args.hub, UsageError)
     except UsageError as e:
         fail(str(e))
     init_distributed(device, args.dist_timeout)

@@ -6,12 +6,25 @@ matrices A (r x in) and B (out x r) in higher precision. Only A and B get gradie
 Adam states, which is what lets a 1.8B model train in 8 GB.
 """
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+# Two messages every run would print, harmless here; filtered by their exact text, before peft imports bitsandbytes.
+# 1. bitsandbytes 0.50, on import on a CPU with AVX512-BF16, tries to fetch a faster 4-bit inference kernel from the
+#    Hugging Face hub (package `kernels`) and warns when it can't: it then uses its own built-in CPU kernel, and
+#    training uses neither (add_lora turns that path off). A script that imports peft before this module still
+#    shows it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+# 2. peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` in PeftModel.__init__; nothing to do.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 

@@ -88,9 +88,13 @@ def write_run_args(output_dir: Path, args: dict) -> Path:
 
 
 # Settings recorded beside the flags, derived from them and from the environment. A changed flag that explains
-# them is named instead (a new --data_path changes the hash, a new --batch_size the global batch).
+# them is named instead (a new --data_path changes the hash, a new --batch_size the global micro-batch).
 DERIVED_SETTINGS = {"data_sha256": "the content of the --data_path files (sha256)",
-                    "global_batch": "the global batch (batch_size x grad_accum x ranks)"}
+                    "global_micro_batch": "the sequences per micro-batch on all ranks together (batch_size x ranks)"}
+# A flag whose change does not matter while the setting it names is unchanged: data files moved or renamed but
+# with the same bytes are the same data.
+SAME_WHEN_EQUAL = {"data_path": "data_sha256"}
+UNORDERED = {"target_modules"}  # lists compared as sets: `q_proj v_proj` is `v_proj q_proj`
 
 
 def check_resume_args(output_dir: Path, args: dict, keys) -> None:
@@ -103,7 +107,12 @@ def check_resume_args(output_dir: Path, args: dict, keys) -> None:
         print(f"--resume: {path} not found; cannot check that the settings match the checkpoints")
         return
     old = read_json(path, "run_args.json")
-    differ = [k for k in keys if k in old and _comparable(old[k]) != _comparable(args.get(k))]
+
+    def same(key: str) -> bool:
+        if key in SAME_WHEN_EQUAL and SAME_WHEN_EQUAL[key] in old and same(SAME_WHEN_EQUAL[key]):
+            return True
+        return _comparable(old[key], key) == _comparable(args.get(key), key)
+    differ = [k for k in keys if k in old and not same(k)]
     changed = [f"--{k} {_show(old[k])} -> {_show(args.get(k))}" for k in differ if k not in DERIVED_SETTINGS]
     if not changed:  # no flag changed, yet the data files' content or the number of ranks did
         changed = [f"{DERIVED_SETTINGS[k]} {_show(old[k])} -> {_show(args.get(k))}" for k in differ]
@@ -126,9 +135,10 @@ def data_fingerprint(paths) -> str:
     return digest.hexdigest()[:16]
 
 
-def _comparable(value):
+def _comparable(value, key: str = ""):
     # run_args.json round-trips through JSON: tuples come back as lists, paths as strings.
-    return json.loads(json.dumps(value, default=str))
+    value = json.loads(json.dumps(value, default=str))
+    return sorted(value) if key in UNORDERED and isinstance(value, list) else value
 
 
 def _show(value) -> str:

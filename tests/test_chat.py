@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,27 @@ def test_compare_shows_base_answers_differ(trained):
         assert prompt == question.replace("\n", "<br>")
         assert tuned == answer
         assert base != answer and base != tuned
+
+
+def test_a_relative_base_path_is_found_from_another_folder(trained, tiny_model_dir, tmp_path):
+    """finetune.py records --model_name_or_path as given, e.g. checkpoints/tiny-qwen: relative to the folder
+    training ran in. chat.py run from elsewhere finds that base above the adapter (and says where)."""
+    adapter, qa = trained
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "checkpoints" / "tiny-qwen").symlink_to(tiny_model_dir)
+    copy = project / "checkpoints" / "lora"
+    shutil.copytree(adapter, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((copy / "adapter_config.json").read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = "checkpoints/tiny-qwen"
+    (copy / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / CHAT), "--adapter", str(copy), "--greedy", "--prompt", qa[0][0]],
+                          cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert answers(proc) == [qa[0][1]]
+    assert f"found at {project.resolve() / 'checkpoints' / 'tiny-qwen'}\n" in proc.stderr
 
 
 # ---------------------------------------------------------------- history, merge
@@ -254,3 +276,8 @@ def test_bad_input(trained, tiny_model_dir, tmp_path):
     assert_usage_error(run_script(CHAT, "--model_name_or_path", tiny_model_dir, "--compare"), "needs --adapter")
     for flags in (["--seed", -5], ["--seed", 2**32], ["--repetition_penalty", -1], ["--repetition_penalty", 0]):
         assert_usage_error(run_script(CHAT, "--model_name_or_path", tiny_model_dir, *flags), flags[0], "got")
+    # A huge --max_new_tokens passes the flag checks (tests/test_flag_values.py) and is refused in one line once
+    # the model's context window is known (after the "loading ..." line)
+    proc = run_script(CHAT, "--model_name_or_path", tiny_model_dir, "--max_new_tokens", 10**30, "--prompt", "hi")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --max_new_tokens 10000"), proc.stderr

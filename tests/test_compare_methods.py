@@ -24,11 +24,11 @@ def report(tiny_model_dir, tmp_path_factory):
     proc = run_script("phase2_lora/compare_methods.py", "--tiny", "--model_name_or_path", tiny_model_dir,
                       "--steps", "3", "--max_samples", "24", "--em_prompts", "1", "--output_dir", out, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads((out / "compare_methods.json").read_text(encoding="utf-8")), out
+    return json.loads((out / "compare_methods.json").read_text(encoding="utf-8")), out, proc.stderr
 
 
 def test_every_method_is_in_the_table(report):
-    data, out = report
+    data, out, _ = report
     assert [r["method"] for r in data["rows"]] == list(compare_methods.METHOD_LR)
     table = (out / "compare_methods.md").read_text(encoding="utf-8")
     assert all(f"| {name} |" in table for name in compare_methods.METHOD_LR)
@@ -38,6 +38,17 @@ def test_every_method_is_in_the_table(report):
         assert all(math.isfinite(x) for x in losses)
         assert len(r["step_losses"]) == 3 and 0 <= r["exact_match"] <= 1
         assert r["peak_memory_mib"] > 0 and r["seconds"] > 0 and 0 < r["trainable_params"] < r["total_params"]
+
+
+def test_progress_shows_in_a_log_as_plain_lines(report):
+    """stderr is a pipe, as a log file is: a line per method and per training step (3 here), no carriage returns."""
+    stderr, methods = report[2], list(compare_methods.METHOD_LR)
+    lines = stderr.split("\n")
+    for i, name in enumerate(methods, 1):
+        assert f"[{i}/{len(methods)}] {name}" in lines, stderr[-2000:]
+        assert all(any(line.startswith(f"{name}: train steps: {n}/3 ({100 * n // 3}%), ") for line in lines)
+                   for n in (1, 2, 3)), stderr[-2000:]
+    assert "\r" not in stderr
 
 
 def test_trainable_counts_are_the_methods_own(report, tiny_model_dir):

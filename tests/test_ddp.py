@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -26,8 +27,11 @@ from safetensors.torch import load_file
 
 SCRIPT = "phase3_ddp/finetune_ddp.py"
 THREADS = {"OMP_NUM_THREADS": "1"}  # one thread per process: 2 ranks on 2 cores, no oversubscription
-STEPS, SAVE_STEPS, CRASH_AT = 6, 3, 5  # 4 steps per epoch: checkpoint at 3, crash at 5, resume crosses an epoch
-STEPS_PER_EPOCH = 4  # 36 training examples // (2 x 2 per micro-batch) // 2 micro-batches per step
+STEPS, SAVE_STEPS, CRASH_AT = 6, 3, 5  # 5 steps per epoch: checkpoint at 3, crash at 5, resume crosses an epoch
+# 33 training examples (40 records - 7 held out), 2 x 2 per global micro-batch: 8 full ones and one of a single
+# example (rank 1 runs a masked copy), 2 micro-batches per step: 5 steps, the last with one micro-batch. Nothing is
+# dropped, and the size is not a multiple of the global batch.
+STEPS_PER_EPOCH, N_TRAIN = 5, 33
 # Runs finetune_ddp.py with train_step wrapped: the last rank dies after step CRASH_AT of the first attempt.
 CRASH_LAUNCHER = f"""
 import os, sys
@@ -82,7 +86,7 @@ def sft_json(tmp_path_factory):
 
 def train_flags(model, data, out, **overrides) -> list[str]:
     flags = {"model_name_or_path": model, "data_path": data, "output_dir": out, "max_steps": STEPS,
-             "grad_accum": 2, "val_size": 4, "save_steps": SAVE_STEPS, "lr": 1e-3, "lora_dropout": 0,
+             "grad_accum": 2, "val_size": 7, "save_steps": SAVE_STEPS, "lr": 1e-3, "lora_dropout": 0,
              "quantization": "4bit", "device": "cpu", "cache_dir": Path(data).parent / "cache",
              **overrides}  # gloo on CPU, also on a GPU machine
     return [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
@@ -138,10 +142,27 @@ def test_two_ranks_match_one_process_with_twice_the_batch(single, ddp):
     # ... and 2 ranks x 2 sequences reproduce 1 process x 4 sequences: same samples per step, same
     # global token-mean loss. (Per-rank token means averaged by DDP would miss this by ~1e-3.)
     assert max_abs_diff(ddp["adapter"], single["adapter"]) < 1e-5
+    # The gradients themselves, from the first step on: AdamW nearly hides a uniform gradient scale (a loss not
+    # multiplied by W) in the adapter; the gradient norm (before clipping) does not.
+    norms = [[h["grad_norm"] for h in run["metrics"]["log_history"] if "loss" in h] for run in (single, ddp)]
+    assert norms[0][0] > 0
+    torch.testing.assert_close(torch.tensor(norms[1]), torch.tensor(norms[0]), rtol=1e-5, atol=0)
     losses = [[h["loss"] for h in run["metrics"]["log_history"] if "loss" in h] for run in (single, ddp)]
     assert len(losses[0]) == STEPS
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
     assert ddp["metrics"]["eval_loss"] == pytest.approx(single["metrics"]["eval_loss"], rel=1e-5)
+
+
+def test_every_example_is_trained_once_per_epoch(single, ddp):
+    """33 examples are no multiple of the global batch of 8 (nor of the global micro-batch of 4): the short micro-batch
+    and the short last step are trained, not dropped, and the start-up line says how."""
+    assert ("every one of the 33 training examples is trained once per epoch; one global micro-batch holds 1 of 4 "
+            "(1 rank(s) run a masked copy: no loss, no tokens); the last step of an epoch has 1 of 2 micro-batches"
+            ) in ddp["log"]
+    for run in (single, ddp):
+        epoch0 = [h["tokens"] for h in run["metrics"]["log_history"] if h.get("epoch") == 0 and "loss" in h]
+        assert len(epoch0) == STEPS_PER_EPOCH and run["metrics"]["data"]["train"] == N_TRAIN
+        assert sum(epoch0) == run["metrics"]["data"]["target_tokens"] > 0  # every answer token, once
 
 
 def test_logs_get_plain_lines_not_progress_bars(ddp):
@@ -158,7 +179,7 @@ def test_packed_rows_two_ranks_match_one_process(tiny_model_dir, sft_json, tmp_p
         flags = train_flags(tiny_model_dir, sft_json, out, batch_size=batch_size, grad_accum=1, max_steps=3,
                             save_steps=0, max_seq_len=128)
         runs.append(finished(torchrun(*flags, "--packing", nproc=nproc), out))
-    assert "packed into 30 rows" in runs[0]["log"]  # 36 examples of up to 128 tokens
+    assert "packed into 28 rows" in runs[0]["log"]  # 33 examples of up to 128 tokens
     assert max_abs_diff(runs[0]["adapter"], runs[1]["adapter"]) < 1e-5
     losses = [[h["loss"] for h in run["metrics"]["log_history"] if "loss" in h] for run in runs]
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
@@ -168,8 +189,8 @@ def test_every_epoch_reads_a_new_order(ddp):
     """Without the sampler's set_epoch every epoch would repeat the first one's batches, and both sides of the
     other tests would repeat them alike. Target tokens per step differ between the examples of each step."""
     tokens = [h["tokens"] for h in ddp["metrics"]["log_history"] if "loss" in h]
-    assert [h["epoch"] for h in ddp["metrics"]["log_history"] if "loss" in h] == [0] * STEPS_PER_EPOCH + [1, 1]
-    assert tokens[STEPS_PER_EPOCH:] != tokens[:2], tokens  # steps 5-6 (epoch 1) against steps 1-2 (epoch 0)
+    assert [h["epoch"] for h in ddp["metrics"]["log_history"] if "loss" in h] == [0] * STEPS_PER_EPOCH + [1]
+    assert tokens[STEPS_PER_EPOCH] != tokens[0], tokens  # step 6 (epoch 1) against step 1 (epoch 0)
 
 
 def test_crashed_rank_is_restarted_and_resumes_to_the_same_adapter(ddp_dropout, crashed):
@@ -201,17 +222,39 @@ def test_tensorboard_events_hold_the_logged_numbers(ddp):
     assert len(events.Scalars("train/tokens_per_second")) == STEPS
 
 
-def test_resume_refuses_changed_settings(single, tiny_model_dir, sft_json):
-    """run_args.json is written at the start; --resume with other training settings names each changed flag.
-    Longer training (--max_steps) stays allowed. Nothing is written: the check runs before any work."""
-    before = sorted(p.name for p in single["dir"].iterdir())
-    flags = train_flags(tiny_model_dir, sft_json, single["dir"], batch_size=4, lr=5e-4, grad_accum=1, max_steps=9)
+def test_resume_refuses_changed_settings(single, tiny_model_dir, sft_json, tmp_path):
+    """run_args.json is written at the start; --resume with other training settings names each changed flag, the
+    optimizer and the device as they were resolved (--optim auto is 8-bit AdamW on CUDA, torch AdamW on CPU: their
+    states do not load into each other). Longer training (--max_steps) stays allowed. Nothing is written: the check
+    runs before any work."""
+    out = shutil.copytree(single["dir"], tmp_path / "adapter")
+    run_args = json.loads((out / "run_args.json").read_text(encoding="utf-8"))
+    assert (run_args["optim"], run_args["device"]) == ("adamw_torch", "cpu")  # resolved, not "auto"
+    run_args.update(optim="paged_adamw_8bit", device="cuda")  # what a run with --optim auto records on a GPU
+    (out / "run_args.json").write_text(json.dumps(run_args), encoding="utf-8")
+    before = sorted(p.name for p in out.iterdir())
+    flags = train_flags(tiny_model_dir, sft_json, out, batch_size=4, lr=5e-4, grad_accum=1, max_steps=9)
     proc = run_script(SCRIPT, *flags, "--resume", env=THREADS, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert error_messages(proc.stderr) == [
-        f"error: --resume with settings that differ from the checkpoints' ({single['dir'] / 'run_args.json'}): "
-        "--lr 0.001 -> 0.0005; --grad_accum 2 -> 1. Resume with the old values, or choose another --output_dir"]
-    assert sorted(p.name for p in single["dir"].iterdir()) == before
+        f"error: --resume with settings that differ from the checkpoints' ({out / 'run_args.json'}): "
+        "--lr 0.001 -> 0.0005; --grad_accum 2 -> 1; --optim paged_adamw_8bit -> adamw_torch; --device cuda -> cpu. "
+        "Resume with the old values, or choose another --output_dir"]
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_resume_on_another_number_of_ranks_from_a_moved_data_file(ddp, tiny_model_dir, sft_json, tmp_path):
+    """2 ranks x batch 2, checkpointed at step 3, resumed by 1 process x batch 4: the same global micro-batch, hence
+    the same data order, so the uninterrupted 2-rank run's adapter. The data file has moved meanwhile (same bytes)."""
+    out = tmp_path / "adapter"
+    shutil.copytree(ddp["dir"] / f"checkpoint-{SAVE_STEPS}", out / f"checkpoint-{SAVE_STEPS}")
+    shutil.copy(ddp["dir"] / "run_args.json", out)
+    moved = shutil.copy(sft_json, tmp_path / "moved.json")
+    flags = train_flags(tiny_model_dir, moved, out, batch_size=4)
+    run = finished(run_script(SCRIPT, *flags, "--resume", env=THREADS, timeout=300), out)
+    assert f"resumed from step {SAVE_STEPS}" in run["log"]
+    assert "resume: checkpoint has 2 ranks, now 1: the same data order" in run["log"]
+    assert max_abs_diff(run["adapter"], ddp["adapter"]) < 1e-5
 
 
 def test_adapter_loads_with_peft(ddp, tiny_model_dir):
@@ -254,7 +297,7 @@ def test_bad_input_fails_fast_on_every_rank(case, tiny_model_dir, tmp_path):
     expected = {"missing_data": "error: data file not found",
                 "more_processes_than_gpus": "error: 2 process(es) on this machine but 0 CUDA GPU(s) visible",
                 "rank0_killed_first": "error: 2 process(es) on this machine but 0 CUDA GPU(s) visible",
-                "bad_flag": "error: argument --batch_size: expected a whole number >= 1"}[case]
+                "bad_flag": "error: argument --batch_size: expected a whole number in [1, 2147483647], got '0'"}[case]
     # torchrun kills the other ranks when one exits, so a line printed by rank 0 alone could be lost: every
     # rank prints its own. The wrong launch is quick (it fails before the heavy imports), so it runs 10 times,
     # and once more with rank 0 held back until torchrun kills it.
@@ -272,7 +315,11 @@ def test_bad_input_fails_fast_on_every_rank(case, tiny_model_dir, tmp_path):
                 script = tmp_path / "slow_rank0.py"
                 script.write_text(SLOW_RANK0_LAUNCHER, encoding="utf-8")
             proc = torchrun(*flags, *extra, timeout=120, env=env, script=script)  # a hung rank would time out
-            assert proc.returncode != 0
+            # torchrun itself exits 1 whenever a worker fails; its report (after its own traceback) names the
+            # first failing rank, that rank's exit code 2 and, from the error file fail() writes, its error line.
+            assert proc.returncode == 1, proc.stderr[-3000:]
+            root_cause = proc.stderr[proc.stderr.index("Root Cause"):]
+            assert "exitcode  : 2" in root_cause and f"traceback : {expected}" in root_cause, root_cause
         assert time.perf_counter() - start < 120
         errors = error_messages(proc.stderr)
         assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, proc.stderr[-3000:]  # one line per rank at most

@@ -36,12 +36,33 @@ def padding(batches) -> int:
 def test_ranks_split_each_global_batch_like_one_process_with_w_times_the_batch():
     one = epoch(batch_size=4, world=1)[0]
     two = epoch(batch_size=2, world=2)
-    assert len(one) == len(two[0]) == len(two[1]) == 203 // 4  # whole global micro-batches only, same count
+    assert len(one) == len(two[0]) == len(two[1]) == 51  # 203 = 50 x 4 + 3: the short one is kept, same count
     for k, batch in enumerate(one):
         assert sorted(two[0][k] + two[1][k]) == sorted(batch)  # step k: the same examples, split over 2 ranks
         assert not set(two[0][k]) & set(two[1][k])
     used = [i for b in one for i in b]
-    assert len(used) == len(set(used)) == 200  # each example at most once per epoch
+    assert sorted(used) == list(range(203))  # every example exactly once per epoch, none dropped
+    assert sorted(map(len, one))[:2] == [3, 4]
+
+
+def test_a_rank_without_an_example_in_the_short_micro_batch_gets_a_masked_copy():
+    """9 examples, 4 ranks x 2: one full global micro-batch and one of a single example. Every rank runs 2
+    micro-batches (DDP needs the same number of backward passes everywhere); ranks 1-3 run a masked copy of that
+    example (index -1 - i), which MaskedCopies serves with every label ignored: it adds no target token."""
+    lengths = [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    ranks = []
+    for rank in range(4):
+        sampler = ddp_data.LengthGroupedDistributedSampler(lengths, 2, 4, rank, seed=0)
+        ranks.append(list(sampler))
+        assert len(ranks[-1]) == len(sampler) == 2
+    real = sorted(i for batches in ranks for b in batches for i in b if i >= 0)
+    assert real == list(range(9))
+    short = next(k for k in range(2) if len(ranks[0][k]) == 1)
+    (lone,) = ranks[0][short]
+    assert [ranks[r][short] for r in (1, 2, 3)] == [[-1 - lone]] * 3
+    data = ddp_data.MaskedCopies([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}] * 9)
+    assert data[lone] == {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}
+    assert data[-1 - lone] == {"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}
 
 
 def test_batches_group_similar_lengths_and_the_longest_comes_first():

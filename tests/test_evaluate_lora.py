@@ -1,5 +1,6 @@
 """evaluate.py on the tiny Qwen2 + the `trained_adapter` fixture: on the records it was trained on, the adapter
-has the lower loss and answers every one exactly, the base none; JSON and Markdown are written; bad input exits 2."""
+has the lower loss and answers every one exactly, the base none; JSON and Markdown are written; progress shows as
+plain lines in a log; bad input exits 2 (numeric flags: tests/test_flag_values.py)."""
 
 import json
 
@@ -22,6 +23,10 @@ def test_adapter_beats_base_on_its_training_records(trained_adapter, tmp_path):
     assert abs(tuned["perplexity"] - 2.718281828 ** tuned["eval_loss"]) < 1e-6 * tuned["perplexity"]
     table = out.with_suffix(".md").read_text(encoding="utf-8")
     assert proc.stdout.strip() == table.strip() and "| base + LoRA | " in table
+    # stderr is a pipe, as a log file is: progress as plain lines (no carriage-return bars), to the last record
+    for line in ("base: eval loss", "base: greedy answers", "base + LoRA: eval loss", "base + LoRA: greedy answers"):
+        assert f"\n{line}: 4/4 (100%), " in proc.stderr, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr
 
 
 def test_bad_input(trained_adapter, tmp_path):

@@ -10,6 +10,8 @@ SCRIPTS = sorted(
     for folder in ("phase1_cnn", "phase2_attention", "phase2_lora", "phase3_ddp")
     for p in (REPO / folder).glob("*.py")
     if re.search(r'^if __name__ == "__main__":', p.read_text(encoding="utf-8"), re.M)
+    # A minimal (learning) file without flags has only constants to read: nothing for --help to say.
+    and not (p.stem.endswith("_minimal") and "argparse" not in p.read_text(encoding="utf-8"))
 )
 
 

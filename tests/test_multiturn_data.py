@@ -1,7 +1,9 @@
 """Multi-turn data: three file formats to one conversation, every assistant turn supervised (checked against a
-token-level reference rendering), --train_on_prompt, whole-turn truncation, bad records by file and index."""
+token-level reference rendering) except OpenAI answers of weight 0, --train_on_prompt, whole-turn truncation, bad
+records by file and index."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -28,6 +30,7 @@ ALPACA = {"system": SYSTEM, "history": [list(t) for t in TURNS[:-1]], "instructi
 MESSAGES = {"messages": chat()}
 SHAREGPT = {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
                                "value": m["content"]} for m in chat()]}
+LLAMA_FACTORY = {"system": SYSTEM, "conversations": SHAREGPT["conversations"][1:]}  # ShareGPT, system as a field
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +72,60 @@ def test_train_on_prompt_supervises_everything(tokenizer):
     assert ex["labels"] == ex["input_ids"]
 
 
-def test_three_formats_give_the_same_tokens(tmp_path, tokenizer):
+def test_every_format_gives_the_same_tokens(tmp_path, tokenizer):
     paths = [write_json(tmp_path / "alpaca.json", [ALPACA]), write_json(tmp_path / "messages.json", [MESSAGES]),
-             write_json(tmp_path / "sharegpt.jsonl", json.dumps(SHAREGPT, ensure_ascii=False) + "\n")]
+             write_json(tmp_path / "sharegpt.jsonl", json.dumps(SHAREGPT, ensure_ascii=False) + "\n"),
+             write_json(tmp_path / "llama_factory.json", [LLAMA_FACTORY])]
     conversations, stats = load_conversations(paths, log=quiet)
-    assert conversations == [chat()] * 3
-    assert list(stats["formats"].values()) == ["alpaca", "messages", "sharegpt"]
+    assert conversations == [chat()] * 4
+    assert list(stats["formats"].values()) == ["alpaca", "messages", "sharegpt", "sharegpt"]
     train, _, _ = load_sft_datasets(paths, tokenizer, log=quiet)
-    assert train[0] == train[1] == train[2]
+    assert train[0] == train[1] == train[2] == train[3]
 
 
 def test_system_flag_is_the_default_not_an_override(tmp_path):
-    path = write_json(tmp_path / "d.json", [MESSAGES, {"messages": chat(system=None)}])
-    own, _ = load_conversations([path], system="默认", log=quiet)
+    paths = [write_json(tmp_path / "d.json", [MESSAGES, {"messages": chat(system=None)}]),
+             write_json(tmp_path / "lf.json", [LLAMA_FACTORY])]
+    own, _ = load_conversations(paths, system="默认", log=quiet)
     assert own[0][0]["content"] == SYSTEM and own[1][0] == {"role": "system", "content": "默认"}
+    assert own[2] == chat()  # a top-level system field is the record's own system prompt
+
+
+def test_weight_0_answer_is_context_not_target(tmp_path, tokenizer):
+    """OpenAI's per-message weight: the answer of weight 0 stays in the input but is never a target (not even
+    with --train_on_prompt); weight 1 and no weight are trained on. Loaded through the Arrow dataset, where the
+    turns without a weight read back as weight None."""
+    weighted = chat()
+    weighted[2], weighted[4] = {**weighted[2], "weight": 0}, {**weighted[4], "weight": 1}
+    path = write_json(tmp_path / "w.jsonl", "\n".join(json.dumps({"messages": m}) for m in (weighted, chat())))
+    ids, labels = reference_labels(chat(), tokenizer)
+    start = len(tokenizer.apply_chat_template(chat()[:2], add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+    masked = range(start, start + len(tokenizer(TURNS[0][1] + "<|im_end|>", add_special_tokens=False)["input_ids"]))
+    train, _, _ = load_sft_datasets([path], tokenizer, log=quiet)
+    assert train[0]["input_ids"] == ids == train[1]["input_ids"] and train[1]["labels"] == labels
+    assert train[0]["labels"] == [IGNORE_INDEX if i in masked else label for i, label in enumerate(labels)]
+    kept = tokenizer.decode([t for t in train[0]["labels"] if t != IGNORE_INDEX])
+    assert kept == "".join(a + "<|im_end|>" for _, a in TURNS[1:])
+    train, _, _ = load_sft_datasets([path], tokenizer, train_on_prompt=True, log=quiet)
+    assert train[0]["labels"] == [IGNORE_INDEX if i in masked else t for i, t in enumerate(ids)]
+
+
+@pytest.mark.parametrize("rec, why", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": w}]},
+     f"message 1 (assistant) has weight {w!r}; only assistant messages take a weight, 0 (not trained on) or 1")
+    for w in (0.5, "0", True, None)] + [
+    ({"messages": [{"role": "user", "content": "a", "weight": 1}, {"role": "assistant", "content": "b"}]},
+     "message 0 (user) has weight 1; only assistant messages take a weight"),
+    ({"messages": chat(None, TURNS[:1])[:1] + [{"role": "assistant", "content": "b", "weight": 0}]},
+     "every assistant turn has weight 0: nothing to learn from"),
+    ({**LLAMA_FACTORY, "system": 3}, "field 'system' is int, expected a string"),
+    ({**SHAREGPT, "system": "另一个"}, "both a top-level 'system' field and a system turn, with different texts"),
+])
+def test_bad_weight_or_system_is_named(tmp_path, rec, why):
+    path = write_json(tmp_path / "bad.json", [rec])
+    with pytest.raises(UsageError, match=re.escape(f"bad.json record 0: {why}")):
+        load_conversations([path], strict=True, log=quiet)
 
 
 def test_truncation_keeps_whole_turns(tokenizer):

@@ -44,6 +44,21 @@ def test_rows_hold_every_token_once_with_restarting_positions(examples):
     assert sorted(pieces) == sorted((tuple(ex["input_ids"]), tuple(ex["labels"][1:])) for ex in train)
 
 
+def test_no_label_crosses_an_example_boundary_with_train_on_prompt(tiny_model_dir):
+    """--train_on_prompt --packing: every token is a target except at each position-id reset, where the label
+    would ask the previous example's last token to predict the next example's first one."""
+    tok = load_tokenizer(tiny_model_dir)
+    packed, _, _ = load_sft_datasets([PERSONA_PATH], tok, max_samples=12, max_seq_len=MAX_LEN, train_on_prompt=True,
+                                     packing=True, log=lambda *_: None)
+    resets = 0
+    for row in packed:
+        for i, (token, label, position) in enumerate(zip(row["input_ids"], row["labels"], row["position_ids"],
+                                                         strict=True)):
+            assert label == (IGNORE_INDEX if position == 0 else token), (i, position)
+        resets += row["position_ids"].count(0)
+    assert resets == 12 > len(packed)  # several examples per row: resets inside rows, not only at row starts
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_and_grads_equal_one_by_one(tiny_model_dir, examples, attn):
     """fp32 tiny model with finetune.py's chunked loss: one packed batch (all rows, padding included) against

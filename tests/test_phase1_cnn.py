@@ -10,82 +10,21 @@ import json
 import os
 import pickle
 import shutil
-import struct
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cifar_fixtures import CLASS_NAMES, py2_pickle, write_cifar_like
 from conftest import REPO, run_script
 
 PHASE = REPO / "phase1_cnn"
-CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Small budgets that still learn the data below well above chance (0.1) on a CPU in a few seconds.
 LENET_ARGS = ["--model", "lenet5", "--epochs", "12", "--batch_size", "20", "--lr", "0.01", "--val_size", "50"]
 CNN_ARGS = ["--model", "resnet9", "--width", "16", "--epochs", "4", "--batch_size", "25", "--lr", "0.2",
             "--val_size", "50"]
-
-
-def py2_pickle(obj) -> bytes:
-    """obj pickled the way the official CIFAR-10 files were (Python 2, protocol 2): bytes as SHORT_BINSTRING/BINSTRING,
-    a numpy array as numpy.core.multiarray._reconstruct + ndarray.__setstate__ with its raw bytes. Python 3's pickle
-    would write bytes through _codecs.encode and numpy 2's module path, which the loader rightly refuses.
-    Handles what a batch holds: dict, list, int, bytes, ndarray."""
-    def string(b: bytes) -> bytes:
-        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
-
-    def enc(o) -> bytes:
-        if isinstance(o, dict):
-            return b"}(" + b"".join(enc(k) + enc(v) for k, v in o.items()) + b"u"
-        if isinstance(o, list):
-            return b"](" + b"".join(map(enc, o)) + b"e"
-        if isinstance(o, tuple):  # TUPLE1..3 for short ones, as Python 2 wrote them
-            return b"".join(map(enc, o)) + b"\x85\x86\x87"[len(o) - 1:len(o)] if 1 <= len(o) <= 3 else (
-                b"(" + b"".join(map(enc, o)) + b"t")
-        if isinstance(o, bytes):
-            return string(o)
-        if isinstance(o, int):
-            return (b"K" + bytes([o]) if 0 <= o < 256 else b"M" + struct.pack("<H", o) if 0 <= o < 65536
-                    else b"J" + struct.pack("<i", o))
-        assert isinstance(o, np.ndarray), type(o)
-        order, kind = o.dtype.str[:1].encode(), o.dtype.str[1:].encode()  # "|u1" -> b"|", b"u1"; "<f4"
-        dtype = (b"cnumpy\ndtype\n" + string(kind) + b"K\x00K\x01\x87R(K\x03" + string(order)
-                 + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
-        return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R(K\x01"
-                + enc(tuple(o.shape)) + dtype + b"\x89" + string(np.ascontiguousarray(o).tobytes()) + b"tb")
-
-    return b"\x80\x02" + enc(obj) + b"."
-
-
-def write_cifar_like(root, n_per_file: int = 50, n_test: int = 100, seed: int = 0):
-    """root/cifar-10-batches-py/ as in the official archive (Python-2 pickles, bytes keys, data uint8 (N, 3072) in
-    R,G,B planes, labels a list of ints, batches.meta with label_names), with ten classes of distinct patterns: a
-    class colour modulated by stripes at a class angle, random phase, pixel noise."""
-    rng = np.random.default_rng(seed)
-    palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]], np.float32)
-    yy, xx = np.mgrid[0:32, 0:32]
-
-    def images(labels):
-        out = np.empty((len(labels), 3, 32, 32), np.float32)
-        for i, c in enumerate(labels):
-            angle = np.pi * c / 10
-            phase = rng.uniform(0, 2 * np.pi)
-            stripes = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 2 * np.pi / 8 + phase)  # (32, 32)
-            out[i] = palette[c][:, None, None] * (0.75 + 0.25 * stripes) + rng.normal(0, 20, (3, 32, 32))
-        return out.clip(0, 255).astype(np.uint8).reshape(len(labels), 3072)  # planes R, G, B
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for name, n in [*((f"data_batch_{i}", n_per_file) for i in range(1, 6)), ("test_batch", n_test)]:
-        labels = rng.integers(0, 10, n).tolist()
-        batch = {b"batch_label": name.encode(), b"labels": labels, b"data": images(labels),
-                 b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
-        (folder / name).write_bytes(py2_pickle(batch))
-    meta = {b"num_cases_per_batch": n_per_file, b"label_names": [n.encode() for n in CLASS_NAMES], b"num_vis": 3072}
-    (folder / "batches.meta").write_bytes(py2_pickle(meta))
-    return root
 
 
 def load_phase1(name: str):
@@ -296,16 +235,78 @@ def test_bad_run_settings_and_checkpoints(cifar_dir, guarded_run, tmp_path, caps
                      "last.pt not found: nothing to resume")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     expect_bad_input(capsys, "evaluate", [*common, "--checkpoint", tmp_path / "junk.pt"],
-                     "junk.pt is not a readable checkpoint")
+                     "junk.pt is not a checkpoint: point to best.pt or last.pt")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:  # a zip archive, but not one torch.save wrote
+        z.writestr("notes.txt", "hello")
+    expect_bad_input(capsys, "evaluate", [*common, "--checkpoint", tmp_path / "other.zip"],
+                     "other.zip is not a readable checkpoint")
     expect_bad_input(capsys, "evaluate", [*common, "--checkpoint", tmp_path / "missing.pt"],
                      "missing.pt not found: train one first")
-    for flag, value, rule in [("--cutout", 40, "in 0..32 pixels"), ("--label_smoothing", 1.0, "in [0, 1)"),
-                              ("--lr", -0.1, "positive"), ("--num_workers", -1, "at least 0")]:
-        expect_bad_input(capsys, "train", [*common, "--output_dir", tmp_path / "empty", flag, value],
-                         f"{flag} must be {rule}, got {value}")
+    expect_bad_input(capsys, "train", [*common, "--output_dir", tmp_path / "empty", "--cutout", 40],
+                     "argument --cutout: expected a whole number in 0..32, got '40' (see --help)")
     expect_bad_input(capsys, "evaluate", [*common, "--checkpoint", guarded_run / "best.pt", "--batch_size", 0],
-                     "--batch_size must be at least 1")
+                     "argument --batch_size: expected a whole number in 1..65536, got '0'")
     assert not (tmp_path / "empty").exists()
+
+
+def test_evaluate_takes_a_run_folder_and_names_a_file_that_is_no_checkpoint(cnn_run, cifar_dir, tmp_path, capsys):
+    """--checkpoint <folder> evaluates the folder's best.pt; --checkpoint metrics.json says in one line that it is
+    not a checkpoint (it used to print PyTorch's long weights_only message)."""
+    run = tmp_path / "run"
+    shutil.copytree(cnn_run, run)
+    (run / "eval.json").unlink(missing_ok=True)  # written when an earlier test evaluated the run
+    load_phase1("evaluate").main(["--checkpoint", str(run), "--data_dir", str(cifar_dir)])
+    assert f"{run / 'best.pt'} (epoch" in capsys.readouterr().out
+    report = json.loads((run / "eval.json").read_text())
+    assert report["checkpoint"] == str(run / "best.pt") and report["epoch"] == torch.load(
+        run / "best.pt", weights_only=True)["epoch"]
+    expect_bad_input(capsys, "evaluate", ["--checkpoint", run / "metrics.json", "--data_dir", cifar_dir],
+                     f"{run / 'metrics.json'} is not a checkpoint: point to best.pt or last.pt")
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "benchmark"])
+def test_every_numeric_flag_refuses_inf_nan_negative_and_huge_in_one_line(script, tmp_path, capsys):
+    """Each numeric flag, walked from the script's own parser: inf, nan, -1 and a huge value each get one line,
+    `error: argument --flag: ... (see --help)`, and exit 2, before any work (no traceback, no OverflowError)."""
+    module = load_phase1(script)
+    actions = [a for a in module.build_parser()._actions if a.option_strings and a.type is not None]
+    assert all(hasattr(a.type, "checked_range") for a in actions), [a.dest for a in actions]  # no bare int/float
+    assert len(actions) >= 2
+    for action in actions:
+        flag = action.option_strings[0]
+        huge = "1e30" if action.type.checked_range.startswith("a number") else str(10**30)
+        for value in ("inf", "nan", "-1", huge):
+            with pytest.raises(SystemExit) as exit_info:
+                module.build_parser().parse_args([flag, value])
+            err = capsys.readouterr().err.strip()
+            assert exit_info.value.code == 2 and len(err.splitlines()) == 1, (flag, value, err)
+            assert err.startswith(f"error: argument {flag}: expected ") and err.endswith(
+                f"got {value!r} (see --help)"), err
+    if script == "train":  # issue 23's two cases through main(), on a data_dir that does not exist
+        safe = ["--data_dir", tmp_path / "none", "--output_dir", tmp_path / "out"]
+        expect_bad_input(capsys, "train", [*safe, "--val_size", "inf"], "argument --val_size: expected a whole")
+        expect_bad_input(capsys, "train", [*safe, "--seed", 2**32], f"expected a whole number in 0..{2**32 - 1}")
+        expect_bad_input(capsys, "train", [*safe, "--seed", -1], f"expected a whole number in 0..{2**32 - 1}")
+        assert module.parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1  # the range is numpy's [0, 2**32)
+
+
+def test_reader_admits_what_pickle_dump_writes_under_numpy_2(tmp_path):
+    """A user's own images in the official layout, written with pickle.dump under the installed numpy (numpy 2 names
+    numpy._core.multiarray._reconstruct), read back exactly. No new capability: protocol 5 names numpy's
+    _frombuffer, still refused, with the fix in the message."""
+    data = load_phase1("cifar_data")
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8)
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({"data": pixels, "labels": [0, 3, 9, 1]}, f, protocol=4)
+    if int(np.__version__.split(".")[0]) >= 2:
+        assert b"numpy._core.multiarray" in path.read_bytes()
+    images, labels = data.read_batch_file(str(path))
+    assert torch.equal(images, torch.from_numpy(pixels).view(4, 3, 32, 32)) and labels.tolist() == [0, 3, 9, 1]
+    with open(path, "wb") as f:
+        pickle.dump({"data": pixels, "labels": [0, 3, 9, 1]}, f, protocol=5)
+    with pytest.raises(data.BadInput, match=r"refusing to load numpy\._core\.numeric\._frombuffer, .*protocol=4"):
+        data.read_batch_file(str(path))
 
 
 def test_cli_device_cuda_without_cuda(cifar_dir, guarded_run):

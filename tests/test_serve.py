@@ -2,7 +2,10 @@
 fixture: the official `openai` client gets the trained answers, streamed text equals non-streamed text,
 concurrent requests get the answers they get alone, every bad request gets an OpenAI-style 4xx JSON error and
 the server keeps serving, --api_key is enforced, a client that disconnects stops its generation, and the chat
-page works in a real headless Chromium (driven over the DevTools protocol through a pipe: no extra packages).
+page works in a real headless Chromium (driven over the DevTools protocol through a pipe: no extra packages):
+Clear during an answer forgets it, Enter during an answer queues the next message.
+In this process, on the untrained tiny model: the Host-header check, tokenising off the event loop, a chat
+template's error as a 400, and the model lock held until the generation thread ends.
 
 SERVE_SCREENSHOT=docs/phase2_serve_page.png python -m pytest tests/test_serve.py -k browser   # the README picture
 """
@@ -25,7 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import REPO, persona_records, run_script, user_turn
 
+sys.path.insert(0, str(REPO / "phase2_lora"))
+
 SERVE = "phase2_lora/serve.py"
+COMPLETIONS = "/v1/chat/completions"
 N_PROMPTS = 3
 API_KEY = "test-secret"
 
@@ -86,29 +92,44 @@ def client(server):
     return openai.OpenAI(base_url=f"http://127.0.0.1:{server[0]}/v1", api_key="unused", max_retries=0)
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
 def ask(client, question, **kwargs):
     return client.chat.completions.create(model="any", messages=[{"role": "user", "content": question}],
                                           **{"temperature": 0, **kwargs})
 
 
+def text_tokens(tokenizer, answer: str) -> list[int]:
+    """The tokens of an answer the adapter memorised: it generates them as they were in training."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
 # ---------------------------------------------------------------- the API, through the official client
 
-def test_openai_client_gets_trained_answers_streamed_equal_to_non_streamed(client, trained_adapter, tiny_model_dir, qa):
+def test_openai_client_gets_trained_answers_streamed_equal_to_non_streamed(client, trained_adapter, tiny_model_dir, qa,
+                                                                          tokenizer):
     assert [m.id for m in client.models.list()] == [f"{tiny_model_dir.name}+{trained_adapter.name}"]
     for question, answer in qa:
         reply = ask(client, question)
         assert reply.choices[0].message.content == answer and reply.choices[0].finish_reason == "stop"
         u = reply.usage
-        assert u.prompt_tokens > 10 and u.completion_tokens > 0
+        # The answer's tokens; the end-of-turn token that ended it is not in the text, so not counted
+        assert u.prompt_tokens > 10 and u.completion_tokens == len(text_tokens(tokenizer, answer))
         assert u.total_tokens == u.prompt_tokens + u.completion_tokens
         chunks = list(ask(client, question, stream=True, stream_options={"include_usage": True}))
         pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
         assert "".join(pieces) == answer and len(pieces) > 1  # streamed piece by piece
+        assert not any("\ufffd" in piece for piece in pieces)  # no character sent in halves
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
         assert chunks[-1].usage == u
 
 
-def test_seed_stop_and_max_tokens(client, qa):
+def test_seed_stop_and_max_tokens(client, qa, tokenizer):
     question, answer = qa[0]
     sampled = [ask(client, question, temperature=1.5, top_p=1, seed=s).choices[0].message.content for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]  # a seed makes sampling reproducible
@@ -116,6 +137,10 @@ def test_seed_stop_and_max_tokens(client, qa):
     reply = ask(client, question, stop=[stop, "never-appears"])
     assert reply.choices[0].message.content == answer[:answer.index(stop)]
     assert reply.choices[0].finish_reason == "stop"
+    # Counted: the tokens it takes to write the returned text; not the stop string's, nor any generated after it
+    ids = text_tokens(tokenizer, answer)
+    assert reply.usage.completion_tokens == next(
+        n for n in range(len(ids)) if len(tokenizer.decode(ids[:n]).rstrip("\ufffd")) >= answer.index(stop))
     streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, question, stop=stop, stream=True))
     assert streamed == answer[:answer.index(stop)]
     reply = ask(client, question, max_tokens=3)
@@ -142,24 +167,33 @@ def test_concurrent_requests_get_the_answers_they_get_alone_one_at_a_time(server
     assert set(running) == {1}  # the lock let one generation run at a time
 
 
-def test_a_generation_that_fails_to_start_releases_the_model(monkeypatch):
-    """Generation() raising (say, CUDA out of memory) must not leave the lock held: every later request would
-    wait forever. In-process, with the model side stubbed out: only the locking is under test."""
+# ---------------------------------------------------------------- the model lock, in this process with a stubbed model
+
+def stub_server():
+    """A serve.Server with no model loaded: only the locking around Generation is under test."""
     import asyncio
     import threading
 
-    sys.path.insert(0, str(REPO / "phase2_lora"))
-    import chat_session
     import serve
+
+    server = object.__new__(serve.Server)
+    server.model = server.tokenizer = None
+    server.lock, server.running, server.count_lock = asyncio.Lock(), 0, threading.Lock()
+    return server, serve.ChatRequest([], 1, 0.0, 1.0, (), None, False, False)
+
+
+def test_a_generation_that_fails_to_start_releases_the_model(monkeypatch):
+    """Generation() raising (say, CUDA out of memory) must not leave the lock held: every later request would
+    wait forever."""
+    import asyncio
+
+    import chat_session
 
     def fail(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(chat_session, "Generation", fail)
-    server = object.__new__(serve.Server)  # no model loaded
-    server.model = server.tokenizer = None
-    server.lock, server.running, server.count_lock = asyncio.Lock(), 0, threading.Lock()
-    request = serve.ChatRequest([], 1, 0.0, 1.0, (), None, False, False)
+    server, request = stub_server()
 
     async def twice():
         for _ in range(2):  # the second would wait on a leaked lock until wait_for gives up
@@ -169,6 +203,123 @@ def test_a_generation_that_fails_to_start_releases_the_model(monkeypatch):
         return server.lock.locked()
 
     assert asyncio.run(asyncio.wait_for(twice(), timeout=10)) is False
+
+
+class RunOnGeneration:
+    """Stands in for chat_session.Generation: one piece, then its model thread runs on whatever cancel() says,
+    until the test sets `finish` (a GPU kernel is not interrupted mid-step). Like the real one, iterating ends
+    only once that thread has ended."""
+
+    def __init__(self, *args, **kwargs):
+        import threading
+
+        self.finish = threading.Event()
+        self.thread = threading.Thread(target=self.finish.wait, daemon=True)
+        self.thread.start()
+        self.finish_reason = self.error = None
+        self.prompt_tokens = self.completion_tokens = 1
+
+    def cancel(self):
+        pass  # asked to stop: it cannot yet
+
+    def __iter__(self):
+        try:
+            yield "first"
+        finally:
+            self.thread.join()
+
+
+def test_the_lock_is_held_until_the_generation_thread_ends(monkeypatch):
+    """A client that leaves closes the stream at once, but the model may still be mid-step: the next request must
+    not start a second generation on it (two on one GPU: out of memory, or twice the latency for both)."""
+    import asyncio
+
+    import chat_session
+
+    made = []
+    monkeypatch.setattr(chat_session, "Generation", lambda *a, **k: made.append(RunOnGeneration()) or made[-1])
+    server, request = stub_server()
+
+    async def client_leaves():
+        pieces = server.pieces(request, None, {}, {})
+        assert await anext(pieces) == "first"
+        await pieces.aclose()  # the client is gone: cancel() is called, the thread runs on
+        await asyncio.sleep(0.2)
+        held = server.lock.locked()
+        made[0].finish.set()  # the model's step ends
+        while server.lock.locked():  # released once the worker thread has joined it
+            await asyncio.sleep(0.01)
+        return held, made[0].thread.is_alive()
+
+    assert asyncio.run(asyncio.wait_for(client_leaves(), timeout=10)) == (True, False)
+
+
+# ---------------------------------------------------------------- in this process, on the untrained tiny model
+
+@pytest.fixture(scope="module")
+def local(tiny_model_dir):
+    """serve.py's app on the untrained tiny model in this process (uvicorn in a thread, as benchmark_serve.py runs
+    it), so that a test can look inside the Server or swap a part of it: (port, server)."""
+    import serve
+    from benchmark_serve import start_server
+
+    args = serve.parse_args(["--model_name_or_path", str(tiny_model_dir), "--quantization", "none"])
+    server = serve.Server(args, serve.check_model_args(args))
+    port, uv = start_server(server)
+    yield port, server
+    uv.should_exit = True
+
+
+def test_only_requests_that_name_this_server_are_served(local):
+    """DNS rebinding: a page on evil.example re-points its name at 127.0.0.1 and calls the server, with
+    `Host: evil.example`. Nothing is served to it: not the page, not the API."""
+    import serve
+
+    port, _ = local
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    for host, status in [(f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), (f"[::1]:{port}", 200),
+                         ("LOCALHOST.", 200), ("evil.example", 400), (f"evil.example:{port}", 400),
+                         (f"127.0.0.1.nip.io:{port}", 400), (f"192.168.1.5:{port}", 400)]:
+        for method, path in (("GET", "/"), ("GET", "/v1/models"), ("POST", COMPLETIONS)):
+            got_status, got = request(port, method, path, body if method == "POST" else None, {"Host": host}, raw=True)
+            assert got_status == status, (host, path, got)
+            assert status == 200 or json.loads(got)["error"]["code"] == "invalid_host"
+    # Bound to every interface, the LAN reaches it by IP address (never by a name that could be rebound)
+    assert serve.host_allowed("192.168.1.5:8000", "0.0.0.0") and serve.host_allowed("[fe80::1]:8000", "::")
+    assert not serve.host_allowed("evil.example:8000", "0.0.0.0") and serve.host_allowed("gpu-box:80", "gpu-box")
+
+
+def test_tokenising_runs_off_the_event_loop(local, monkeypatch):
+    """prepare() renders and tokenises up to 2 MiB of history: on the event loop it would stall every stream and
+    the disconnect checks meanwhile."""
+    import asyncio
+
+    port, server = local
+    on_loop, prepare = [], server.prepare
+
+    def recording(request):
+        try:
+            on_loop.append(asyncio.get_running_loop() is not None)
+        except RuntimeError:  # no loop runs in this thread
+            on_loop.append(False)
+        return prepare(request)
+
+    monkeypatch.setattr(server, "prepare", recording)
+    status, _ = request(port, "POST", COMPLETIONS, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert status == 200 and on_loop == [False]
+
+
+def test_a_message_the_chat_template_refuses_gets_400(local, monkeypatch):
+    """Templates such as Llama 2's or Gemma's raise_exception() on roles out of order: the client's mistake,
+    told in the template's words, not a 500."""
+    port, server = local
+    monkeypatch.setattr(server.tokenizer, "chat_template", (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"))
+    status, got = request(port, "POST", COMPLETIONS, {"messages": [{"role": "assistant", "content": "hi"}]})
+    assert status == 400 and got["error"]["param"] == "messages", got
+    assert "Conversation roles must alternate" in got["error"]["message"]
 
 
 # ---------------------------------------------------------------- bad input: 4xx JSON, and the server keeps serving
@@ -197,15 +348,25 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, qa)
         ({"messages": user, "seed": 2**32}, 400, "seed", "must be in [0, 4294967295]"),
         ({"messages": user, "stream_options": 5}, 400, "stream_options", "must be an object"),
         ({"messages": user, "stream": True, "stream_options": "x"}, 400, "stream_options", "must be an object"),
+        ({"messages": user, "stream": "yes"}, 400, "stream", "true or false"),
+        ({"messages": user, "n": True}, 400, "n", "only 'n': 1"),  # True == 1 in Python: not here
+        ({"messages": user, "n": 2}, 400, "n", "only 'n': 1"),
+        ({"messages": user, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "not supported"),
+        ({"messages": user, "logprobs": True}, 400, "logprobs", "not supported"),
+        ({"messages": user, "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+        ({"messages": user, "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
     ]
+    # Accepted alongside every good request: a null stream (the default, not streamed), the fields ignored on
+    # purpose, and unsupported fields that ask for nothing.
+    ok_body = {"messages": [{"role": "user", "content": qa[0][0]}], "temperature": 0, "stream": None, "n": 1,
+               "model": "gpt-4o", "user": "u-1", "store": False, "logprobs": False, "tools": [], "presence_penalty": 0}
     for body, status, param, fragment, *headers in cases:
-        got_status, got = request(port, "POST", "/v1/chat/completions", body, *headers)
+        got_status, got = request(port, "POST", COMPLETIONS, body, *headers)
         assert got_status == status, (body, got)
         assert got["error"]["type"] == "invalid_request_error" and got["error"]["param"] == param, got
         assert fragment in got["error"]["message"], got
-        ok_status, ok = request(port, "POST", "/v1/chat/completions",
-                                {"messages": [{"role": "user", "content": qa[0][0]}], "temperature": 0})
-        assert ok_status == 200 and ok["choices"][0]["message"]["content"] == qa[0][1]
+        ok_status, ok = request(port, "POST", COMPLETIONS, ok_body)
+        assert ok_status == 200 and ok["choices"][0]["message"]["content"] == qa[0][1], ok
     assert request(port, "GET", "/v1/nothing")[0] == 404
 
 
@@ -213,6 +374,9 @@ def test_cli_bad_input_fails_fast(tmp_path):
     for args, fragment in [(["--adapter", tmp_path / "missing"], "does not exist"),
                            (["--model_name_or_path", "x", "--port", "0"], "--port"),
                            (["--model_name_or_path", "x", "--api_key", ""], "--api_key"),
+                           # headers are latin-1 bytes: a key outside ASCII could never be sent, so never match
+                           (["--model_name_or_path", "x", "--api_key", "clé-secrète"], "printable ASCII"),
+                           (["--model_name_or_path", "x", "--api_key", "密钥"], "printable ASCII"),
                            (["--model_name_or_path", "x", "--repetition_penalty", 0], "--repetition_penalty")]:
         assert_one_error_line(run_script(SERVE, *args), fragment)
 
@@ -355,6 +519,24 @@ new MutationObserver(() => {  // every text the newest answer bubble shows, in o
 }).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});"""
 
 
+RECORD_BODIES = """window.bodies = [];  // every request body the page sends, parsed
+const realFetch = window.fetch;
+window.fetch = (url, init) => {
+  if (init?.body) window.bodies.push(JSON.parse(init.body));
+  return realFetch(url, init);
+};"""
+
+ON_FIRST_PIECE = """new MutationObserver((_, observer) => {
+  const pending = document.querySelector('.assistant .msg.pending');
+  if (pending && pending.textContent) { observer.disconnect(); ACTION }
+}).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});"""
+
+
+def on_first_piece(browser, action: str) -> None:
+    """Run the JS `action` in the same task that shows the first piece of the next answer: while it streams."""
+    browser.js(ON_FIRST_PIECE.replace("ACTION", action))
+
+
 def type_and_wait(browser, text) -> list[str]:
     """Type a message, press Enter, wait for the answer; returns the texts the answer bubble showed over time."""
     browser.js("window.updates = []; document.getElementById('input').focus()")
@@ -370,27 +552,65 @@ def prompt_tokens_logged(log) -> list[int]:
     return [int(n) for n in re.findall(r": (\d+) prompt \+", log.read_text())]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
-def test_browser_chat_page_streams_the_trained_answer(server, qa, trained_adapter, tmp_path):
-    port, log = server
+@pytest.fixture
+def page(server, tmp_path):
+    """The chat page in a fresh headless Chromium, the model list loaded, every request body recorded."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium)")
     browser = Chromium(CHROMIUM, tmp_path / "profile")
     try:
-        browser.open(f"http://127.0.0.1:{port}/")
-        assert browser.wait_for("document.getElementById('model').textContent.includes('+')") \
-            and trained_adapter.name in browser.js("document.getElementById('model').textContent")
-        browser.js(RECORD_UPDATES)
-        updates = type_and_wait(browser, qa[0][0])
-        assert updates[-1] == qa[0][1]  # the trained answer
-        assert len(updates) > 1 and all(qa[0][1].startswith(u) for u in updates)  # it grew piece by piece
-        before = prompt_tokens_logged(log)[-1]
-        second = type_and_wait(browser, qa[1][0])[-1]  # multi-turn: the page sends the first turn along
-        assert second and prompt_tokens_logged(log)[-1] > before + len(qa[1][0]) // 2
-        assert browser.js("turns.length") == 4
-        if os.environ.get("SERVE_SCREENSHOT"):
-            png = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
-            (REPO / os.environ["SERVE_SCREENSHOT"]).write_bytes(png)
-        browser.js("document.getElementById('clear').click()")
-        assert browser.js("turns.length") == 0 and browser.js("document.querySelectorAll('.msg').length") == 0
-        assert type_and_wait(browser, qa[1][0])[-1] == qa[1][1]  # a fresh one-turn chat again
+        browser.open(f"http://127.0.0.1:{server[0]}/")
+        browser.wait_for("document.getElementById('model').textContent.includes('+')")
+        browser.js(RECORD_BODIES)
+        yield browser
     finally:
         browser.close()
+
+
+def test_browser_chat_page_streams_the_trained_answer(page, server, qa, trained_adapter):
+    browser, log = page, server[1]
+    assert trained_adapter.name in browser.js("document.getElementById('model').textContent")
+    browser.js(RECORD_UPDATES)
+    updates = type_and_wait(browser, qa[0][0])
+    assert updates[-1] == qa[0][1]  # the trained answer
+    assert len(updates) > 1 and all(qa[0][1].startswith(u) for u in updates)  # it grew piece by piece
+    before = prompt_tokens_logged(log)[-1]
+    second = type_and_wait(browser, qa[1][0])[-1]  # multi-turn: the page sends the first turn along
+    assert second and prompt_tokens_logged(log)[-1] > before + len(qa[1][0]) // 2
+    assert browser.js("turns.length") == 4
+    if os.environ.get("SERVE_SCREENSHOT"):
+        png = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        (REPO / os.environ["SERVE_SCREENSHOT"]).write_bytes(png)
+    browser.js("document.getElementById('clear').click()")
+    assert browser.js("turns.length") == 0 and browser.js("document.querySelectorAll('.msg').length") == 0
+    assert type_and_wait(browser, qa[1][0])[-1] == qa[1][1]  # a fresh one-turn chat again
+
+
+def texts(browser, selector: str) -> list[str]:
+    return browser.js(f"[...document.querySelectorAll('{selector}')].map(e => e.textContent)")
+
+
+def test_browser_enter_while_an_answer_streams_queues_the_message(page, qa):
+    """Enter during an answer sends the next message once the answer is done; it does not stop the answer."""
+    on_first_piece(page, f"""const input = document.getElementById('input');
+        input.value = {json.dumps(qa[1][0])};
+        input.dispatchEvent(new KeyboardEvent('keydown', {{key: 'Enter', bubbles: true}}));""")
+    type_and_wait(page, qa[0][0])
+    assert texts(page, ".assistant .msg")[0] == qa[0][1] and "stopped" not in texts(page, ".stats")[0]
+    page.wait_for("document.querySelectorAll('.stats').length == 2")  # the queued message's answer
+    assert page.js("bodies.at(-1).messages") == [{"role": "user", "content": qa[0][0]},
+                                                 {"role": "assistant", "content": qa[0][1]},
+                                                 {"role": "user", "content": qa[1][0]}]
+
+
+def test_browser_clear_while_an_answer_streams_forgets_it(page, qa):
+    """The aborted answer's handler must not put its turn back into the new conversation: the next request
+    carries only the new turn."""
+    on_first_piece(page, "document.getElementById('clear').click();")
+    page.js(f"document.getElementById('input').value = {json.dumps(qa[2][0])}")
+    page.js("document.getElementById('send').click()")
+    page.wait_for("document.getElementById('empty')?.textContent.includes('cleared') && "
+                  "!document.querySelector('.pending')")
+    type_and_wait(page, qa[0][0])
+    assert page.js("bodies.at(-1).messages") == [{"role": "user", "content": qa[0][0]}]  # the new turn only
+    assert page.js("turns.length") == 2

@@ -4,6 +4,8 @@ tokens, a cache cut short is never read, and an unwritable cache dir only costs 
 import sys
 
 import pytest
+import tokenizers
+import transformers
 from conftest import PERSONA_PATH, REPO, write_json
 
 sys.path.insert(0, str(REPO / "phase2_lora"))
@@ -22,6 +24,10 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture()
 def data(tmp_path):
     return write_json(tmp_path / "d.json", RECS)
+
+
+def quiet(*_):
+    pass
 
 
 def no_rebuild(monkeypatch):
@@ -47,7 +53,7 @@ def test_second_load_comes_from_the_cache(tmp_path, tokenizer, data, monkeypatch
     assert [(d.to_list()) for d in a[:2]] == [(d.to_list()) for d in b[:2]]
 
 
-def test_key_covers_data_tokenizer_template_and_options(tmp_path, tokenizer, data):
+def test_key_covers_data_tokenizer_template_versions_and_options(tmp_path, tokenizer, data, monkeypatch):
     options = {"system": None, "max_seq_len": 512, "max_samples": None, "train_on_prompt": False}
     key = cache_key([data], tokenizer, **options)
     copy = write_json(tmp_path / "copy.json", RECS)  # same bytes under another name: same tokens, same key
@@ -64,7 +70,25 @@ def test_key_covers_data_tokenizer_template_and_options(tmp_path, tokenizer, dat
     vocab = load_tokenizer(tokenizer.name_or_path)
     vocab.add_tokens(["回答"])  # a new token changes how the answers tokenise
     keys["vocabulary"] = cache_key([data], vocab, **options)
+    for library in (transformers, tokenizers):  # another release may render the template or split text differently
+        with monkeypatch.context() as patch:
+            patch.setattr(library, "__version__", library.__version__ + ".post1")
+            keys[library.__name__] = cache_key([data], tokenizer, **options)
     assert len(set(keys.values()) | {key}) == len(keys) + 1, keys
+
+
+@pytest.mark.parametrize("option, value", [("max_seq_len", None), ("system", "你是小柒。"), ("max_samples", 3),
+                                           ("train_on_prompt", True)], ids=lambda v: v if isinstance(v, str) else "")
+def test_loads_with_another_option_do_not_share_a_cache(tmp_path, tokenizer, data, option, value):
+    """What the loader passes to cache_key: a second load into the same cache folder with one option changed
+    must give what a load without any cache gives, not the first load's cached tokens."""
+    if option == "max_seq_len":  # 2 tokens short of the records' length: every answer is cut
+        value = max(tokenized_dataset([data], tokenizer, log=quiet)[0]["length"][:]) - 2
+    tokenized_dataset([data], tokenizer, cache_dir=tmp_path / "cache", log=quiet)
+    cached, stats = tokenized_dataset([data], tokenizer, cache_dir=tmp_path / "cache", log=quiet, **{option: value})
+    fresh, fresh_stats = tokenized_dataset([data], tokenizer, log=quiet, **{option: value})
+    assert cached.to_list() == fresh.to_list() and {**stats, "cache": None} == {**fresh_stats, "cache": None}
+    assert len(list((tmp_path / "cache").glob("sft-*"))) == 2
 
 
 def test_a_cache_cut_short_is_never_read(tmp_path, tokenizer, data, monkeypatch):
