@@ -36,7 +36,7 @@ MIN_TEMPERATURE = 1e-5  # below it logits / temperature overflows float32: sampl
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """A bad flag value (--max_new_tokens inf, --seed x) gets one line, `error: ... (see --help)`, and exit 2,
-    like every other bad input: no usage block. chat.py, serve.py, evaluate.py and the benchmarks use it."""
+    like every other bad input: no usage block. Every phase-2 script with flags uses it."""
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)

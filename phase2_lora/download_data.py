@@ -26,6 +26,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from chat import OneLineArgumentParser  # stdlib-only at import: one error line for a bad flag
+
 SOURCES = {  # the data set's repository, and its author's copy on the Hugging Face hub (yahma/alpaca-cleaned)
     "github": "https://raw.githubusercontent.com/gururise/AlpacaDataCleaned/main/alpaca_data_cleaned.json",
     "huggingface": "{endpoint}/datasets/yahma/alpaca-cleaned/resolve/main/alpaca_data_cleaned.json",
@@ -40,14 +42,6 @@ TIMEOUT = 60  # seconds a connect or a read may stall before the download counts
 
 class DataError(Exception):
     """A download or a check failed: main() prints `error: <msg>` and exits 2."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """A bad flag gets one line, `error: ... (see --help)`, and exit 2, like every other bad input."""
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

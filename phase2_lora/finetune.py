@@ -43,6 +43,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from chat import OneLineArgumentParser  # one error line for a bad flag, as in every script
 from chunked_loss import enable_chunked_loss
 from finetune_trainer import StopOnCtrlC, TokenStatsTrainer
 from model_names import add_hub_flag, resolve_model
@@ -68,14 +69,6 @@ RESUME_KEYS = ("data_path", "data_sha256", "max_samples", "val_size", "system", 
                "seed", "quantization",
                "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "lr_scheduler", "warmup_ratio",
                "weight_decay", "max_grad_norm", "batch_size", "grad_accum")
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """A bad flag value gets one line, `error: ... (see --help)`, and exit 2, like every other bad input."""
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

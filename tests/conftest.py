@@ -13,6 +13,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import atexit  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -87,6 +88,13 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
         for item in gpu_tests:
             item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a server or a torchrun rendezvous the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_script(script: str, *args, timeout: float = 600, env: dict | None = None,

@@ -7,21 +7,14 @@ The runs, their flags and data (the sft_json fixture) are tests/test_ddp.py's, i
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 from test_ddp import SCRIPT, THREADS, finished, max_abs_diff, sft_json, torchrun, train_flags  # noqa: F401
 
 STEPS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_node_launch(flags: list[str]) -> subprocess.CompletedProcess:

@@ -8,12 +8,11 @@ not installed. The last tests run the real scripts, so they check each one's wir
 import argparse
 import json
 import os
-import socket
 import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, free_port, run_script
 
 sys.path.insert(0, str(REPO / "phase2_lora"))
 from model_names import (  # noqa: E402
@@ -186,12 +185,6 @@ def test_chat_answers_with_a_model_from_modelscope(stubs, tiny_model_dir, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [json.loads(line) for line in log.read_text().splitlines()] == ["qwen/Qwen1.5-1.8B-Chat"]
     assert isinstance(json.loads(proc.stdout), str)  # one answer line
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("script, args, env", [
