@@ -6,6 +6,7 @@ batched gather does crop + flip for the whole batch instead of per-image PIL cal
 
 import argparse
 import functools
+import math
 import os
 import pickle
 import sys
@@ -56,15 +57,22 @@ def _flag_type(convert, ok, expected: str):
     return parse
 
 
-def whole(lo: int, hi: int):
-    """argparse type: a whole number in lo..hi. An upper bound on every flag: a huge value would otherwise overflow
-    torch's 64-bit integers or try to allocate the impossible, with a traceback."""
+def whole(lo: int, hi: int | None = None):
+    """argparse type: a whole number in lo..hi. The policy of both phases: refuse what cannot work (not a number,
+    inf, nan, below lo, past a flag's natural bound such as the 32-pixel image for --cutout or numpy's 2**32 seeds)
+    and accept what is merely big (hi=None): a count past the data is capped where it is used, a long run is long.
+    Python ints do not overflow, and the code caps such values before they reach a tensor."""
+    if hi is None:
+        return _flag_type(int, lambda v: lo <= v, f"a whole number >= {lo}")
     return _flag_type(int, lambda v: lo <= v <= hi, f"a whole number in {lo}..{hi}")
 
 
-def real(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
-    """argparse type: a finite number between lo and hi, each bound included unless marked open."""
-    ok = lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+def real(lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False):
+    """argparse type: a finite number between lo and hi, each bound included unless marked open (hi=inf: any
+    finite number above lo)."""
+    ok = lambda v: (lo < v if lo_open else lo <= v) and (v < hi if hi_open or hi == math.inf else v <= hi)
+    if hi == math.inf:
+        return _flag_type(float, ok, f"a finite number {'>' if lo_open else '>='} {lo}")
     return _flag_type(float, ok, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
 
 
@@ -257,7 +265,9 @@ class DeviceBatches:
 
 def make_batches(images, labels, batch_size: int, shuffle_gen: torch.Generator | None, device: torch.device,
                  on_device: bool, num_workers: int = 0):
-    """DeviceBatches when on_device (the CUDA default), else the hand-written Dataset through a DataLoader."""
+    """DeviceBatches when on_device (the CUDA default), else the hand-written Dataset through a DataLoader. A batch
+    larger than the set is the whole set (DataLoader's BatchSampler would allocate a list of batch_size first)."""
+    batch_size = min(batch_size, len(labels))
     if on_device:
         return DeviceBatches(images, labels, batch_size, shuffle_gen, device)
     return make_loader(CifarDataset(images, labels), batch_size, shuffle_gen, device, num_workers)

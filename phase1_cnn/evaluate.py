@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint written by train.py, or a run's folder (its best.pt); "
                    "default: checkpoints/phase1/best.pt")
     p.add_argument("--data_dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
-    p.add_argument("--batch_size", type=whole(1, 65_536), default=1024)
+    p.add_argument("--batch_size", type=whole(1), default=1024)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--num_workers", type=whole(0, 256), default=0,
                    help="DataLoader workers (CPU; on CUDA the test images are put on the GPU once instead)")

@@ -45,8 +45,6 @@ COMMON = dict(model="resnet9", seed=0, val_size=5000, max_train_samples=0, synth
 RUN_KEYS = [*COMMON, *RECIPES["resnet9"]]  # what defines a run: --resume takes these from the checkpoint
 WARMUP_FRACTION = 5 / 24  # Page: peak learning rate at epoch 5 of 24
 OUTPUTS = ["best.pt", "last.pt", "metrics.json", "curves.png", "eval.json", "confusion_matrix.png"]  # a run's files
-MAX_IMAGES = 10**9  # bound of the image-count flags: far beyond any CIFAR-layout data set
-MAX_EPOCHS = 10_000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resnet9 (default; 'cnn' is an alias) or lenet5")
     p.add_argument("--width", type=whole(1, 512), default=None,
                    help="resnet9 base width (default 64; smaller = faster on a CPU)")
-    p.add_argument("--epochs", type=whole(1, MAX_EPOCHS), default=None, help=per_model("epochs"))
-    p.add_argument("--batch_size", type=whole(1, 65_536), default=None, help=per_model("batch_size"))
-    p.add_argument("--lr", type=real(0, 10, lo_open=True), default=None, help="peak learning rate, " + per_model("lr"))
+    p.add_argument("--epochs", type=whole(1), default=None, help=per_model("epochs"))
+    p.add_argument("--batch_size", type=whole(1), default=None, help=per_model("batch_size"))
+    p.add_argument("--lr", type=real(0, lo_open=True), default=None, help="peak learning rate, " + per_model("lr"))
     p.add_argument("--weight_decay", type=real(0, 1, hi_open=True), default=None, help=per_model("weight_decay"))
     p.add_argument("--label_smoothing", type=real(0, 1, hi_open=True), default=None, help=per_model("label_smoothing"))
     p.add_argument("--cutout", type=whole(0, 32), default=None,
@@ -70,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Below 2**32 (numpy's seed range): epoch_seeds' seed * 100_003 + epoch then stays within torch's 64-bit seeds.
     p.add_argument("--seed", type=whole(0, 2**32 - 1), default=None,
                    help="seeds init, split, shuffling and augmentation (default 0)")
-    p.add_argument("--val_size", type=whole(0, MAX_IMAGES), default=None, help="training images held out for "
+    p.add_argument("--val_size", type=whole(0), default=None, help="training images held out for "
                    "validation (default 5000, at most a fifth of the training set; 0 = none, best.pt is then the last "
                    "epoch)")
-    p.add_argument("--max_train_samples", type=whole(0, MAX_IMAGES), default=None,
+    p.add_argument("--max_train_samples", type=whole(0), default=None,
                    help="train on at most this many images (0 = all)")
     p.add_argument("--synthetic", action="store_true", default=None, help="in-memory learnable patterns, no files")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -82,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the device, batches by index (the CUDA default). Same batches either way")
     p.add_argument("--num_workers", type=whole(0, 256), default=0, help="DataLoader workers; 0 is right here: the "
                    "images are in memory and augmentation runs batched on the device")
-    p.add_argument("--save_every", type=whole(1, MAX_EPOCHS), default=None, help="write last.pt, best.pt, "
+    p.add_argument("--save_every", type=whole(1), default=None, help="write last.pt, best.pt, "
                    "metrics.json and curves.png every N epochs and at the end (default 1 on a CPU, 4 on CUDA where "
                    "an epoch takes seconds); --resume continues from the last write")
     p.add_argument("--tta", action="store_true", help="final test with flip test-time augmentation")
@@ -92,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt with its settings")
     p.add_argument("--overwrite", action="store_true", help="delete the run in output_dir and start afresh")
     p.add_argument("--download", action="store_true", help="fetch and unpack CIFAR-10 into data_dir (needs internet)")
-    p.add_argument("--stop_after_epoch", type=whole(1, MAX_EPOCHS), default=None,
+    p.add_argument("--stop_after_epoch", type=whole(1), default=None,
                    help=argparse.SUPPRESS)  # tests: simulate a crash
     return p
 

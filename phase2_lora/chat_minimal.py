@@ -15,6 +15,7 @@ import sys
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TextStreamer
+from transformers.utils import logging as hf_logging
 
 
 def main():
@@ -23,6 +24,8 @@ def main():
     p.add_argument("--adapter", default="checkpoints/qwen1.5-1.8b-lora-minimal", help="qlora_minimal's --output_dir")
     p.add_argument("--max_new_tokens", type=int, default=512)
     args = p.parse_args()
+    if not sys.stderr.isatty():  # a log file gets plain lines, not tqdm's \r progress bars
+        hf_logging.disable_progress_bar()
 
     # The base exactly as qlora_minimal.py trained on it (4-bit NF4): the adapter learnt to correct these weights.
     cuda = torch.cuda.is_available()

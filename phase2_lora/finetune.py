@@ -34,12 +34,10 @@ def pin_one_gpu(environ) -> str:
 if __name__ == "__main__":  # as a script: pin before the imports below can initialise CUDA
     pin_one_gpu(os.environ)
 
-import contextlib
 import importlib.util
 import json
 import signal
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,14 +49,15 @@ from qlora_model import (
     QUANTIZATIONS,
     UsageError,
     add_lora,
+    check_chat_model,
     compute_dtype,
     load_model,
     load_tokenizer,
     trainable_parameters,
 )
 from run_files import check_output_dir, check_resume_args, data_fingerprint, save_loss_curve, write_run_args
-from sft_data import DEFAULT_CACHE_DIR, SFTCollator, describe, end_of_turn_text, load_sft_datasets, parse_val_size
-from transformers import AutoConfig, GenerationConfig, TrainingArguments, set_seed
+from sft_data import DEFAULT_CACHE_DIR, SFTCollator, describe, load_sft_datasets, parse_val_size
+from transformers import TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
@@ -185,6 +184,13 @@ def check_one_process_one_gpu() -> None:
               f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); finetune.py uses one GPU, {MULTI_GPU_HINT}")
 
 
+def absolute_if_local(name_or_path: str) -> str:
+    """A local model folder as an absolute path, a hub id as it is. adapter_config.json records it as the base
+    (base_model_name_or_path): relative, chat.py could find the base only from this working directory."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
 def run_args_dict(args) -> dict:
     """The run's settings as recorded in run_args.json; data paths resolved, so --resume from another
     working directory still compares the same files, and their content's hash, so an edited file counts as new."""
@@ -200,38 +206,6 @@ def prepare_output_dir(args) -> Path | None:
     if resume_from:
         check_resume_args(args.output_dir, run_args_dict(args), RESUME_KEYS)
     return resume_from
-
-
-def stop_token_ids(name: str, tokenizer, trust_remote_code: bool = False) -> set[int]:
-    """The ids the model's files say generation stops at: the tokenizer's EOS, eos_token_id (int or list) of
-    config.json and of generation_config.json."""
-    ids = [tokenizer.eos_token_id]
-    for load in (partial(AutoConfig.from_pretrained, trust_remote_code=trust_remote_code),
-                 GenerationConfig.from_pretrained):
-        with contextlib.suppress(OSError):  # a file that is not there declares nothing (load_model reports it)
-            eos = load(name).eos_token_id
-            ids += eos if isinstance(eos, list) else [eos]
-    return set(ids) - {None}
-
-
-def check_chat_model(name: str, tokenizer, trust_remote_code: bool = False) -> None:
-    """Refuse a base model (Qwen/Qwen1.5-1.8B, not -Chat). It never saw ChatML: the embedding and lm_head rows of
-    <|im_start|>/<|im_end|> are untrained, and LoRA, which freezes them, cannot teach it to stop. The signal is in
-    the model's files, so local folders count too: a chat model stops at the token its template closes answers
-    with (Qwen1.5-Chat: <|im_end|>); a base model ships the same template but stops at <|endoftext|> only."""
-    if not tokenizer.chat_template:
-        raise UsageError(f"{name} has no chat template (a base model?): finetune.py trains the model's own chat "
-                         f"format; fine-tune a chat model such as Qwen/Qwen1.5-1.8B-Chat")
-    eot = end_of_turn_text(tokenizer)
-    eot_id, stops = tokenizer.convert_tokens_to_ids(eot), stop_token_ids(name, tokenizer, trust_remote_code)
-    if eot_id not in stops:
-        stops = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} ({i})" for i in sorted(stops))
-        raise UsageError(
-            f"{name} looks like a base model, not a chat model: its template ends each answer with {eot} (id "
-            f"{eot_id}) but it stops only at {stops}, so its {eot} rows were never "
-            f"trained and LoRA, which freezes embeddings and lm_head, cannot teach it to stop; fine-tune the chat "
-            f"model (e.g. Qwen/Qwen1.5-1.8B-Chat), or, if this is one, add {eot_id} to "
-            f"eos_token_id in its generation_config.json")
 
 
 def load_data(args):
@@ -390,7 +364,7 @@ def run(args) -> int:
     check_one_process_one_gpu()
     set_seed(args.seed)  # python, numpy and torch RNGs: LoRA init, data split and shuffling are reproducible
     resume_from = prepare_output_dir(args)
-    args.model_name_or_path = resolve_model(args.model_name_or_path, args.hub, UsageError)  # a folder, for modelscope
+    args.model_name_or_path = absolute_if_local(resolve_model(args.model_name_or_path, args.hub, UsageError))
     tokenizer, train_ds, val_ds, stats = load_data(args)
     model, trainable, total = build_model(args)
     trainer = build_trainer(args, model, tokenizer, train_ds, val_ds)

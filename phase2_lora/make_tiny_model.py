@@ -38,6 +38,10 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.utils import logging as hf_logging
+
+if not sys.stderr.isatty():  # a log file: no "Writing model shards" carriage-return bar in it
+    hf_logging.disable_progress_bar()
 
 # Qwen's special tokens: <|endoftext|> ends a document (used as pad), <|im_start|> and
 # <|im_end|> delimit ChatML turns. <|im_end|> is the chat model's end-of-turn/EOS token.

@@ -14,6 +14,7 @@ tests/acceptance/test_grade_qlora_minimal.py grades this file or your rewrite of
 
 import argparse
 import json
+import sys
 
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -26,6 +27,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.utils import logging as hf_logging
 
 # The real recipe (an RTX 4060 with 8 GB); the flags below override only what a quick run must change.
 MODEL = "Qwen/Qwen1.5-1.8B-Chat"
@@ -47,13 +49,13 @@ def tokenize(record: dict, tokenizer) -> dict:
     # The model's own chat template, exactly as chat_minimal.py will render the question at inference:
     # <|im_start|>system\n...<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n
     prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
-    ids = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": record["output"]}])["input_ids"]
-    assert ids[:len(prompt)] == prompt  # the answer starts exactly where the generation prompt ends
-    # Keep the answer's <|im_end|>: it is a training target, so the model learns to stop there (mask it, and the
-    # chat never ends). Cut what the template puts after it (a "\n"): nothing after <|im_end|> is trained.
-    end = ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), len(prompt)) + 1
+    # The answer is tokenised on its own, not in one text with the prompt: there an answer that starts with "\n"
+    # merges with the prompt's last "\n" (Qwen: 198 198 -> 271), a prompt the model never sees at inference.
+    # Its <|im_end|> is a training target, so the model learns to stop there (mask it, and the chat never ends).
+    # Nothing after <|im_end|> (the template's "\n") is trained, so it is left out.
+    answer = tokenizer(record["output"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
     # -100 on the prompt: the loss covers only the answer, the model is not trained to write the questions.
-    return {"input_ids": ids[:end], "labels": [IGNORE] * len(prompt) + ids[len(prompt):end]}
+    return {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + answer}
 
 
 def main():
@@ -65,6 +67,8 @@ def main():
     p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps (default: EPOCHS over the data)")
     p.add_argument("--lr", type=float, default=LR)
     args = p.parse_args()
+    if not sys.stderr.isatty():  # a log file gets plain lines, not tqdm's \r progress bars
+        hf_logging.disable_progress_bar()
     set_seed(42)  # LoRA's random A, then the Trainer's shuffling: the same run twice gives the same adapter
 
     # ---- data: chat template + answer-only labels
@@ -100,6 +104,7 @@ def main():
 
     # ---- train: the stock Trainer
     training_args = TrainingArguments(
+        disable_tqdm=not sys.stderr.isatty(),   # the bar on a terminal; loss lines in a log
         output_dir=args.output_dir,
         per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=GRAD_ACCUM,   # 4 x 4 = 16 sequences per step in the memory of 4

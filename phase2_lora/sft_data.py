@@ -2,7 +2,8 @@
 
 Pipeline: read JSON / JSONL files and normalise every record to chat messages (sft_formats.py: Alpaca with
 optional `history`, OpenAI `messages`, ShareGPT `conversations`; bad records reported) -> render with the
-tokenizer's own chat template -> labels = -100 except every assistant answer and its end-of-turn token (but not
+tokenizer's own chat template -> tokenise it cut at each answer's start and end (so every training sequence starts
+with the exact inference prompt) -> labels = -100 except every assistant answer and its end-of-turn token (but not
 an OpenAI answer marked `weight: 0`) -> truncate at a turn boundary -> cache (keyed by the data, the tokenizer,
 the template, the transformers and tokenizers versions and every option that changes tokens) -> train/val split
 -> optional packing.
@@ -27,43 +28,31 @@ import torch
 import transformers
 from datasets import Dataset, Features, Sequence, Value, disable_progress_bars, enable_progress_bars
 from datasets.utils.logging import is_progress_bar_enabled
-from qlora_model import UsageError
+from qlora_model import UsageError, end_of_turn_text
 from sft_formats import build_messages, load_conversations, read_json_records  # noqa: F401 (re-exported)
 
 IGNORE_INDEX = -100  # label value that torch.nn.CrossEntropyLoss (and HF models) skip
 DEFAULT_CACHE_DIR = "data/cache"
-CACHE_VERSION = 3  # bump whenever the rules below change the tokens or labels: older caches stop matching
+CACHE_VERSION = 4  # bump whenever the rules below change the tokens or labels: older caches stop matching
 FEATURES = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                      "length": Value("int32")})  # int32: half of the default int64 on disk and in RAM
 
 
 # ---------------------------------------------------------------- chat rendering and labels
 
-def end_of_turn_text(tokenizer) -> str | None:
-    """The special token the chat template closes an assistant turn with (<|im_end|> for ChatML, <|eot_id|>
-    for Llama 3), found by rendering a probe chat; else the tokenizer's EOS token."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
-                                         tokenize=False)
-    after = text[text.rindex("ok") + 2:]
-    for token in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
-        if token and after.lstrip().startswith(token):
-            return token
-    return tokenizer.eos_token
+PROMPT, ANSWER, UNTRAINED = 0, 1, 2  # the kinds of segment a rendered conversation is cut into
 
 
-Span = tuple[int, int]  # [start, end) in characters of the rendered conversation
+def render(messages: list[dict], tokenizer, eot: str | None) -> list[tuple[str, int]]:
+    """The conversation as the chat template renders it, cut into segments (text, kind): ANSWER for each assistant
+    answer up to and including the end-of-turn token that closes it, UNTRAINED for an answer marked `weight: 0`
+    (OpenAI format: shown to the model as context, never trained on), PROMPT for the template text in between.
 
-
-def render(messages: list[dict], tokenizer, eot: str | None) -> tuple[str, list[Span], list[Span]]:
-    """The conversation as the chat template renders it, the character spans to supervise (each assistant
-    answer up to and including the end-of-turn token that closes it) and the spans of the answers marked
-    `weight: 0` (OpenAI format: shown to the model as context, never trained on).
-
-    The span of turn i starts where the template's prompt for it (messages[:i] + generation prompt) ends,
-    so no answer text is searched for: an answer repeated in a user turn cannot be picked up by mistake."""
+    Answer i starts where the template's prompt for it (messages[:i] + generation prompt) ends, so no answer text is
+    searched for: an answer repeated in a user turn cannot be picked up by mistake."""
     chat = [{"role": m["role"], "content": m["content"]} for m in messages]  # the template never sees `weight`
     full = tokenizer.apply_chat_template(chat, tokenize=False)
-    starts, trained = [], []
+    starts, kinds = [], []
     for i, m in enumerate(chat):
         if m["role"] == "assistant":
             prompt = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)
@@ -71,37 +60,34 @@ def render(messages: list[dict], tokenizer, eot: str | None) -> tuple[str, list[
                 raise UsageError("the chat template renders earlier turns differently once an answer follows "
                                  "(e.g. it rewrites history); multi-turn labels cannot be placed with this template")
             starts.append(len(prompt))
-            trained.append(messages[i].get("weight") != 0)  # absent (None after Arrow) or 1: trained on
-    bounds, spans, eot_at = starts[1:] + [len(full)], [], -1
+            kinds.append(UNTRAINED if messages[i].get("weight") == 0 else ANSWER)  # absent (None after Arrow): trained
+    bounds, ends, eot_at = starts[1:] + [len(full)], [], -1
     for start, bound in zip(starts, bounds, strict=True):
         eot_at = full.find(eot, start, bound) if eot else -1
-        spans.append((start, eot_at + len(eot) if eot_at >= 0 else bound))
-    if spans and eot_at < 0 and tokenizer.eos_token:  # the last turn left open: append EOS to teach stopping
+        ends.append(eot_at + len(eot) if eot_at >= 0 else bound)
+    if ends and eot_at < 0 and tokenizer.eos_token:  # the last turn left open: append EOS to teach stopping
         full += tokenizer.eos_token
-        spans[-1] = (spans[-1][0], len(full))
-    return (full, [s for s, t in zip(spans, trained, strict=True) if t],
-            [s for s, t in zip(spans, trained, strict=True) if not t])
+        ends[-1] = len(full)
+    segments, at = [], 0
+    for start, end, kind in zip(starts, ends, kinds, strict=True):
+        segments += [(full[at:start], PROMPT), (full[start:end], kind)]
+        at = end
+    return segments + [(full[at:], PROMPT)]
 
 
-def label_example(ids: list[int], offsets: list, spans: list[Span], max_seq_len: int, train_on_prompt: bool,
-                  untrained: list[Span] = ()) -> dict:
-    """Labels from character spans (token kept if it starts inside a span; tokens inside an untrained span are
-    masked even with train_on_prompt) and truncation to max_seq_len at the end of the last supervised assistant
-    turn that fits; only if the first answer doesn't fit is it cut mid-way."""
-    ids = np.asarray(ids, dtype=np.int64)
-    token_start = np.asarray([start for start, _ in offsets], dtype=np.int64)
-    supervised, excluded = np.zeros(len(ids), dtype=bool), np.zeros(len(ids), dtype=bool)
-    turn_ends = []  # token index just past each answer's end-of-turn token
-    for start, end in spans:
-        inside = (token_start >= start) & (token_start < end)
-        supervised |= inside
-        turn_ends.append(int(np.flatnonzero(inside)[-1]) + 1 if inside.any() else 0)
-    for start, end in untrained:
-        excluded |= (token_start >= start) & (token_start < end)
-    labels = np.where((supervised | train_on_prompt) & ~excluded, ids, IGNORE_INDEX)
+def label_example(pieces: list[list[int]], kinds: list[int], max_seq_len: int, train_on_prompt: bool) -> dict:
+    """The segments' ids joined, labels (ANSWER tokens; with train_on_prompt PROMPT tokens too, never UNTRAINED
+    ones) and truncation to max_seq_len at the end of the last supervised answer that fits; only if the first
+    answer doesn't fit is it cut mid-way."""
+    sizes = [len(piece) for piece in pieces]
+    ids = np.asarray([t for piece in pieces for t in piece], dtype=np.int64)
+    kind = np.repeat(np.asarray(kinds), sizes)
+    supervised = kind == ANSWER
+    labels = np.where(supervised | (train_on_prompt & (kind == PROMPT)), ids, IGNORE_INDEX)
+    turn_ends = [end for end, k, n in zip(np.cumsum(sizes), kinds, sizes, strict=True) if k == ANSWER and n]
     cut, partial = len(ids), False
     if len(ids) > max_seq_len:
-        fitting = [end for end in turn_ends if 0 < end <= max_seq_len]
+        fitting = [end for end in turn_ends if end <= max_seq_len]
         cut = max(fitting) if fitting else max_seq_len  # whole turns where possible
         partial = not fitting and bool(supervised[:cut].any())  # the first answer cut mid-way
     return {"input_ids": ids[:cut].tolist(), "labels": labels[:cut].tolist(), "length": cut,
@@ -113,23 +99,33 @@ def tokenize_messages(messages: list[dict], tokenizer, max_seq_len: int, train_o
     marked `weight: 0`; the rest -100, or only those answers masked with train_on_prompt), length, and
     truncation flags.
 
-    The answer spans are found in characters and mapped to tokens with the offset mapping, so the mask never
-    depends on the pad id: with pad == eos a pad-id-based mask would also hide the end-of-turn token, and the
-    model would never learn to stop. Templates that don't close the turn get the EOS token appended."""
+    The labels come from the segments, never from the ids: with pad == eos a pad-id-based mask would also hide
+    the end-of-turn token, and the model would never learn to stop. Templates that don't close the turn get the
+    EOS token appended."""
     return tokenize_batch([messages], tokenizer, max_seq_len, train_on_prompt)[0]
 
 
 def tokenize_batch(conversations: list[list[dict]], tokenizer, max_seq_len: int, train_on_prompt: bool = False,
                    eot: str | None = None) -> list[dict]:
-    """tokenize_messages for many conversations: rendered one by one, tokenised in one call."""
+    """tokenize_messages for many conversations: rendered one by one, tokenised in one call.
+
+    Each segment is tokenised on its own (as LLaMA-Factory encodes each message), not the whole text at once: in
+    one text an answer's first characters can merge with the generation prompt's last ones (Qwen: an answer that
+    starts with "\n" after "<|im_start|>assistant\n" gives "\n\n" 271, not 198 198), and the model would be
+    trained on a prompt it never sees at inference, where the prompt always ends in 198. Cut at each answer's start,
+    the ids always begin with the exact inference prompt; elsewhere the cuts fall after the end-of-turn special
+    token, which splits the text anyway, so the ids are apply_chat_template's."""
     eot = eot or end_of_turn_text(tokenizer)
     rendered = [render(messages, tokenizer, eot) for messages in conversations]
     # One call for the batch: the fast (Rust) tokenizer splits it over its threads. The template wrote the
     # special tokens already, so none are added.
-    enc = tokenizer([full for full, _, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    return [label_example(ids, offsets, spans, max_seq_len, train_on_prompt, untrained)
-            for ids, offsets, (_, spans, untrained) in zip(enc["input_ids"], enc["offset_mapping"], rendered,
-                                                           strict=True)]
+    flat = tokenizer([text for segments in rendered for text, _ in segments], add_special_tokens=False)["input_ids"]
+    examples, at = [], 0
+    for segments in rendered:
+        examples.append(label_example(flat[at:at + len(segments)], [kind for _, kind in segments], max_seq_len,
+                                      train_on_prompt))
+        at += len(segments)
+    return examples
 
 
 # ---------------------------------------------------------------- tokenise once: the on-disk cache

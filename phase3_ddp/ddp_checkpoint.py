@@ -3,12 +3,18 @@
 A checkpoint is everything needed to continue as if nothing happened:
 
     <output_dir>/checkpoint-200/  (the HF Trainer's layout)
-        adapter_model.safetensors   LoRA weights (identical on every rank: DDP keeps the replicas in sync)
-        optimizer.pt                AdamW moments (with --zero: the shards of all ranks, consolidated on rank 0)
+        adapter_model.safetensors   LoRA weights (identical on every rank under DDP; --fsdp: gathered from the shards)
+        optimizer.pt                AdamW moments (--zero / --fsdp: the shards of all ranks, gathered on rank 0)
         scheduler.pt                learning-rate schedule position
         scaler.pt                   fp16 GradScaler: loss scale and growth tracker ({} when not in fp16)
         rng_state.pt                torch (+ CUDA) and python RNG states of EVERY rank (dropout masks differ per rank)
-        trainer_state.json          step, epoch, world size, global batch
+        trainer_state.json          step, epoch, world size, global batch, fsdp
+
+With --fsdp each rank holds a shard of the LoRA weights and of their Adam moments. They are gathered into the same
+single files, not saved per rank: LoRA's state is small (MBs, not the GBs of the frozen base, which is never saved),
+one writer needs no shared disk, and a resume re-shards them for any number of ranks. The optimizer state is then
+keyed by parameter name (torch.distributed.checkpoint's full state dict) instead of DDP's index, so a resume may not
+switch between --fsdp and DDP.
 
 Only rank 0 touches the disk. It writes into `.tmp-checkpoint-N` and renames the finished directory
 (os.replace is atomic), so a crash mid-write never leaves a checkpoint that looks complete. On resume
@@ -23,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from fsdp_shard import full_trainable_state, is_sharded, shard_like_parameters
+from qlora_model import UsageError
 
 # run_files imports qlora_model, which must come before peft (its log and warning filters): see its top
 from run_files import CHECKPOINT_PREFIX as PREFIX  # checkpoint-<step>: the HF Trainer's layout, as in phase 2
@@ -31,6 +39,7 @@ from run_files import save_loss_curve
 # isort: split
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm import tqdm
 
@@ -60,17 +69,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(peft_model, optimizer, scheduler, scaler, state: dict, output_dir, keep: int) -> None:
-    """Collective: every rank calls it. Every rank's RNG state is gathered and the ZeRO shards are
-    consolidated on rank 0, which alone writes (the LoRA weights are the same on every rank)."""
+    """Collective: every rank calls it. Every rank's RNG state is gathered and the ZeRO (or FSDP) shards are
+    consolidated on rank 0, which alone writes (DDP: the LoRA weights are the same on every rank)."""
     rank = dist.get_rank()
     rng_states = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(rng_state(), rng_states, dst=0)
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    adapter = full_trainable_state(peft_model)  # FSDP: a collective all-gather of every LoRA shard
+    if is_sharded(peft_model):  # collective: each parameter's moments all-gathered, kept on rank 0's CPU
+        optimizer_state = get_optimizer_state_dict(peft_model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    elif isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.consolidate_state_dict(to=0)  # collective: the shards travel to rank 0
     if rank == 0:
-        path = write_checkpoint(Path(output_dir), state["step"], get_peft_model_state_dict(peft_model),
-                                peft_model.peft_config["default"], optimizer.state_dict(), scheduler.state_dict(),
-                                scaler.state_dict(), rng_states, state, keep=keep)
+        optimizer_state = optimizer_state if is_sharded(peft_model) else optimizer.state_dict()
+        path = write_checkpoint(Path(output_dir), state["step"], get_peft_model_state_dict(peft_model, adapter),
+                                peft_model.peft_config["default"], optimizer_state, scheduler.state_dict(),
+                                scaler.state_dict(), rng_states, {**state, "fsdp": is_sharded(peft_model)}, keep=keep)
         tqdm.write(f"step {state['step']} | checkpoint -> {path}")  # keeps rank 0's progress bar intact
 
 
@@ -119,6 +133,15 @@ def restore_checkpoint(ckpt: Path | None, peft_model, optimizer, scheduler, scal
     state = payload[0]
     if state is None:
         return None
+    if state.get("fsdp", False) != is_sharded(peft_model):  # older checkpoints hold no "fsdp": DDP ones
+        was = "with" if state.get("fsdp") else "without"
+        raise UsageError(f"--resume: checkpoint-{state['step']} was written {was} --fsdp; resume {was} it, or "
+                         "choose another --output_dir")
+    if is_sharded(peft_model):  # each rank keeps its rows of the full tensors: optimizer by name, as saved
+        set_peft_model_state_dict(peft_model, shard_like_parameters(peft_model, state.pop("adapter")))
+        set_optimizer_state_dict(peft_model, optimizer, optim_state_dict=state.pop("optimizer"),
+                                 options=StateDictOptions(full_state_dict=True))
+        return restore_rest(state, scheduler, scaler, log)
     set_peft_model_state_dict(peft_model, state.pop("adapter"))
     optimizer_state = state.pop("optimizer")
     if isinstance(optimizer, ZeroRedundancyOptimizer):
@@ -128,6 +151,11 @@ def restore_checkpoint(ckpt: Path | None, peft_model, optimizer, scheduler, scal
         for param_state in optimizer_state["state"].values():
             param_state.update(param_state.pop(BNB_NESTED_STATE, {}))
     optimizer.load_state_dict(optimizer_state)
+    return restore_rest(state, scheduler, scaler, log)
+
+
+def restore_rest(state: dict, scheduler, scaler, log) -> dict:
+    """After the weights and the optimizer: the schedule, the fp16 loss scale and this rank's RNG."""
     scheduler.load_state_dict(state.pop("scheduler"))
     scaler_state = state.pop("scaler")
     if scaler.is_enabled() and scaler_state:  # fp16: the loss scale the run had reached, not 65,536 again
@@ -145,14 +173,16 @@ def restore_checkpoint(ckpt: Path | None, peft_model, optimizer, scheduler, scal
     return state
 
 
-def save_final(peft_model, tokenizer, output_dir: Path, metrics: dict) -> None:
+def save_final(peft_model, tokenizer, output_dir: Path, metrics: dict, adapter: dict | None = None) -> None:
     """Rank 0 only: adapter + tokenizer + metrics.json + loss_curve.png (run_args.json was written at the start),
     written into a temp dir and moved file by file (each os.replace is atomic), so a crash never leaves a
-    half-written file that chat.py would try to load."""
+    half-written file that chat.py would try to load. adapter: the full LoRA weights (full_trainable_state, which
+    every rank must call under --fsdp); None reads them from peft_model, whose weights must then be whole (DDP)."""
     out = Path(output_dir)
     tmp = out / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors (LoRA weights only)
+    # adapter_config.json + adapter_model.safetensors (LoRA weights only), a normal PEFT adapter either way
+    peft_model.save_pretrained(tmp, state_dict=adapter)
     tokenizer.save_pretrained(tmp)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     save_loss_curve(metrics["log_history"], tmp / "loss_curve.png", title="LoRA fine-tuning with DDP")

@@ -8,6 +8,7 @@ collator) is sft_data.py, a byte-identical copy of phase2_lora/sft_data.py. This
   group_by_length in phase 2) that every rank derives from the same seeded order, so that each optimizer step
   reads exactly the examples a single process with W times the batch would read; every example once per epoch.
 - MaskedCopies: the dataset as that sampler indexes it, with the masked stand-ins a short micro-batch needs.
+- eval_batches: which validation examples each rank evaluates, in lockstep under --fsdp.
 """
 
 import math
@@ -103,3 +104,12 @@ class MaskedCopies(Dataset):
         example = dict(self.ds[-1 - i])
         example["labels"] = [IGNORE_INDEX] * len(example["labels"])
         return example
+
+
+def eval_batches(n: int, rank: int, world_size: int, batch_size: int, lockstep: bool = False) -> list[list[int]]:
+    """Rank `rank`'s validation batches: examples rank, rank + W, ... (each example on one rank, no padding
+    duplicates), batch_size at a time. lockstep (--fsdp, where every forward is a collective all-gather): as many
+    batches as rank 0 has, the ones past this rank's examples empty (the caller runs a stand-in and discards it)."""
+    mine = list(range(rank, n, world_size))
+    count = math.ceil(math.ceil(n / world_size) / batch_size) if lockstep else math.ceil(len(mine) / batch_size)
+    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(count)]

@@ -2,9 +2,9 @@
 
 finetune_ddp.py parses the arguments, checks the launch and starts the process group, importing only torch, so
 that a wrong launch fails in about a second; the libraries used here (transformers, peft, datasets) take several
-seconds to import. Order of the work: data (rank 0 tokenises first) -> model (phase 2's 8 GB recipe) -> DDP ->
-optimizer (paged 8-bit AdamW on CUDA, optionally ZeRO-1) -> resume -> train loop with evaluation and checkpoints
--> rank 0 saves the adapter and metrics.
+seconds to import. Order of the work: data (rank 0 tokenises first) -> model (phase 2's 8 GB recipe) -> DDP, or
+with --fsdp the FSDP2 shards of fsdp_shard.py -> optimizer (paged 8-bit AdamW on CUDA, optionally ZeRO-1) -> resume
+-> train loop with evaluation and checkpoints -> rank 0 saves the adapter and metrics.
 """
 
 import importlib.util
@@ -18,15 +18,25 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsdp_shard as fsdp
 import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from chunked_loss import enable_chunked_loss
 from ddp_checkpoint import restore_checkpoint, save_checkpoint, save_final
-from ddp_data import LengthGroupedDistributedSampler, MaskedCopies, load_on_rank0_first
-from qlora_model import UsageError, add_lora, compute_dtype, load_model, load_tokenizer, trainable_parameters
+from ddp_data import LengthGroupedDistributedSampler, MaskedCopies, eval_batches, load_on_rank0_first
+from qlora_model import (
+    UsageError,
+    add_lora,
+    check_chat_model,
+    compute_dtype,
+    load_model,
+    load_tokenizer,
+    trainable_parameters,
+)
 from run_files import check_output_dir, check_resume_args, data_fingerprint, write_run_args
 from sft_data import IGNORE_INDEX, SFTCollator, describe, load_sft_datasets, parse_val_size, real_tokens
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -37,13 +47,14 @@ from transformers.utils import logging as hf_logging
 # Flags that define what the checkpoints are (data, model shape, optimisation): --resume refuses to change them.
 # Phase 2's list, with two changes. The batch: the data order depends only on the global micro-batch (batch_size x
 # ranks) and grad_accum, so 4 ranks x 2 may resume 2 ranks x 4. Added: the optimizer and the device, as resolved
-# (--optim auto is 8-bit AdamW on CUDA, torch AdamW on CPU: their states do not load into each other).
+# (--optim auto is 8-bit AdamW on CUDA, torch AdamW on CPU: their states do not load into each other), and --fsdp
+# (its checkpoints hold the optimizer state by parameter name, DDP's by index).
 # How long to train, logging and saving may change; so may the data files' paths while their bytes stay the same.
 RESUME_KEYS = ("data_path", "data_sha256", "max_samples", "val_size", "system", "max_seq_len", "train_on_prompt",
                "packing",
                "seed", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
                "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "global_micro_batch", "grad_accum",
-               "optim", "device")
+               "optim", "device", "fsdp")
 IS_RANK0 = int(os.environ.get("RANK", 0)) == 0  # set by torchrun; plain python is rank 0 of 1
 RESTART_COUNT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # > 0: torchrun restarted us after a failure
 # Progress bars only for a person watching a terminal; logs (a pipe, `> train.log`) get plain lines instead.
@@ -67,7 +78,7 @@ def check_run(args, device: torch.device) -> Path | None:
         warnings.filterwarnings("ignore")
     if not SHOW_BARS:
         hf_logging.disable_progress_bar()
-    args.device, args.optim = device.type, resolved_optim(args.optim, device)
+    args.device, args.optim = device.type, resolved_optim(args.optim, device, args.fsdp)
     try:
         args.val_size = parse_val_size(args.val_size)
     except ValueError as e:
@@ -91,9 +102,11 @@ def run_args_dict(args) -> dict:
             "global_batch": args.batch_size * args.grad_accum * world_size}
 
 
-def resolved_optim(optim: str, device: torch.device) -> str:
-    """--optim auto: paged 8-bit AdamW on CUDA (phase 2's choice), torch AdamW elsewhere."""
-    return optim if optim != "auto" else ("paged_adamw_8bit" if device.type == "cuda" else "adamw_torch")
+def resolved_optim(optim: str, device: torch.device, sharded: bool = False) -> str:
+    """--optim auto: paged 8-bit AdamW on CUDA (phase 2's choice), torch AdamW elsewhere and with --fsdp
+    (bitsandbytes' optimizer cannot update sharded parameters)."""
+    cuda = device.type == "cuda" and not sharded
+    return optim if optim != "auto" else ("paged_adamw_8bit" if cuda else "adamw_torch")
 
 
 # ---------------------------------------------------------------- the steps of the recipe
@@ -109,6 +122,7 @@ def load_data(args):
     """Tokenizer and tokenised train/val sets (sft_data, as in phase 2); rank 0 tokenises first, filling the
     cache the others then read. Returns (tokenizer, train, val or None, stats, Plan)."""
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    check_chat_model(args.model_name_or_path, tokenizer, args.trust_remote_code)  # a base model: exit 2, every rank
     train_ds, val_ds, stats = load_on_rank0_first(lambda: load_sft_datasets(
         args.data_path, tokenizer, system=args.system, max_seq_len=args.max_seq_len, max_samples=args.max_samples,
         val_size=args.val_size, strict=args.strict, seed=args.seed, log=say, train_on_prompt=args.train_on_prompt,
@@ -176,10 +190,11 @@ def wrap_ddp(model, device: torch.device) -> DDP:
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def build_optimizer(args, ddp_model: DDP, total_steps: int, device: torch.device):
+def build_optimizer(args, ddp_model, total_steps: int, device: torch.device):
     """Paged 8-bit AdamW on CUDA (Adam's moments in 8 bits, paged to CPU RAM under memory spikes: phase 2's
-    choice); torch AdamW elsewhere. Without --zero each rank keeps the full state; with it, 1/W of it."""
-    if resolved_optim(args.optim, device) == "paged_adamw_8bit":
+    choice); torch AdamW elsewhere. Without --zero each rank keeps the full state; with it, 1/W of it; with
+    --fsdp too, since the optimizer sees only this rank's shard of each parameter."""
+    if resolved_optim(args.optim, device, args.fsdp) == "paged_adamw_8bit":
         import bitsandbytes as bnb
         optimizer_class = bnb.optim.PagedAdamW8bit  # on CPU bitsandbytes warns and runs it unpaged
     else:
@@ -198,7 +213,7 @@ def build_optimizer(args, ddp_model: DDP, total_steps: int, device: torch.device
 @dataclass
 class Engine:
     """What every step needs, on this rank."""
-    ddp_model: DDP
+    ddp_model: torch.nn.Module  # DDP(model), or with --fsdp the model itself, sharded in place
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
@@ -208,7 +223,10 @@ class Engine:
     def __post_init__(self):
         dtype = compute_dtype(self.device)
         self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)  # fp16: loss scaling
+        # fp16: loss scaling. FSDP: each rank sees only its shards' gradients; ShardedGradScaler all-reduces the
+        # "found inf" flag, so that every rank skips the same steps
+        scaler = ShardedGradScaler if fsdp.is_sharded(self.ddp_model) else torch.amp.GradScaler
+        self.scaler = scaler(self.device.type, enabled=dtype == torch.float16)
 
 
 def record(engine: Engine, log_history: list, entry: dict) -> None:
@@ -236,9 +254,9 @@ def train_step(engine: Engine, window: list[dict]) -> tuple[float, float, int, i
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     for i, batch in enumerate(window):
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-        # no_sync(): backward only accumulates into .grad; the gradient all-reduce runs once per optimizer
-        # step, overlapped with the backward of the last micro-batch, instead of once per micro-batch.
-        with nullcontext() if i == len(window) - 1 else engine.ddp_model.no_sync():
+        # no_sync(): backward only accumulates into .grad; the gradient all-reduce (FSDP: reduce-scatter) runs once
+        # per optimizer step, overlapped with the backward of the last micro-batch, instead of once per micro-batch.
+        with nullcontext() if i == len(window) - 1 else fsdp.gradient_sync(engine.ddp_model, False):
             with engine.autocast:
                 loss = engine.ddp_model(**batch, num_items_in_batch=num_items).loss  # sum(CE) * W / N
             engine.scaler.scale(loss).backward()
@@ -247,7 +265,7 @@ def train_step(engine: Engine, window: list[dict]) -> tuple[float, float, int, i
     # Grads are identical on all ranks after the all-reduce, so is the norm (logged: the gradient of the global
     # token-mean loss, comparable between runs on any number of ranks) and the clipping (0: none).
     params = [p for p in engine.ddp_model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, engine.max_grad_norm or math.inf)
+    grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, engine.max_grad_norm or math.inf))  # of all shards
     engine.scaler.step(engine.optimizer)  # with ZeRO-1: each rank updates its shard, then broadcasts the weights
     engine.scaler.update()
     engine.scheduler.step()
@@ -260,18 +278,22 @@ def train_step(engine: Engine, window: list[dict]) -> tuple[float, float, int, i
 def evaluate(engine: Engine, val_ds, collate, batch_size: int) -> float:
     """Mean loss over every target token of the validation set (sum of CE / number of targets, as in phase 2).
     Rank r takes examples r, r+W, ... (no padding duplicates); sums and counts are all-reduced. The chunked loss
-    with num_items_in_batch=1 returns the plain sum; the unwrapped model needs no gradient sync."""
-    model = engine.ddp_model.module
+    with num_items_in_batch=1 returns the plain sum; the unwrapped model needs no gradient sync. With --fsdp every
+    forward all-gathers weights, a collective: a rank with fewer batches runs stand-ins (example 0), discarded."""
+    model = fsdp.unwrap(engine.ddp_model)
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # [sum of CE, number of target tokens]
-    shard = list(range(dist.get_rank(), len(val_ds), dist.get_world_size()))
-    for start in range(0, len(shard), batch_size):
-        batch = collate([val_ds[i] for i in shard[start:start + batch_size]])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for rows in eval_batches(len(val_ds), rank, world, batch_size, lockstep=fsdp.is_sharded(model)):
+        batch = collate([val_ds[i] for i in rows or [0]])
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         with engine.autocast:
-            sums[0] += model(**batch, num_items_in_batch=1).loss
-        sums[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            loss = model(**batch, num_items_in_batch=1).loss
+        if rows:  # a real batch, not a stand-in
+            sums[0] += loss
+            sums[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     dist.all_reduce(sums)
+    fsdp.release(model)  # FSDP: the root's weights, gathered for the forwards above
     model.train()
     return (sums[0] / sums[1]).item()
 
@@ -321,56 +343,41 @@ def after_step(args, engine: Engine, val_ds, collate, plan: Plan, step: int, epo
         state = {"step": step, "epoch": epoch, "world_size": dist.get_world_size(),
                  "global_batch": plan.global_batch, "log_history": log_history}
         dist.barrier()  # every rank has finished this step before the save starts
-        save_checkpoint(engine.ddp_model.module, engine.optimizer, engine.scheduler, engine.scaler, state,
+        save_checkpoint(fsdp.unwrap(engine.ddp_model), engine.optimizer, engine.scheduler, engine.scaler, state,
                         args.output_dir, args.save_total_limit)
         dist.barrier()  # no rank runs ahead (and maybe crashes) before the checkpoint is on disk
 
 
 # ---------------------------------------------------------------- report
 
-def gather_ints(value: int, device: torch.device) -> list[int]:
-    """Every rank's `value`, in rank order, on every rank (all_gather of one int64 each)."""
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
-    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    return [int(g.item()) for g in gathered]
-
-
-def optimizer_state_bytes(optimizer, zero: bool, device: torch.device) -> list[int]:
-    """Every rank's optimizer-state bytes (AdamW: two moments per LoRA weight); rank 0 prints them."""
-    local = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer  # ZeRO: own shard
-    mine = sum(t.numel() * t.element_size() for s in local.state.values() for t in s.values() if torch.is_tensor(t))
-    per_rank = gather_ints(mine, device)
-    full = sum(per_rank) if zero else per_rank[0]  # with ZeRO the whole state is the sum of the shards
-    for r, n in enumerate(per_rank):
-        say(f"rank {r}: optimizer state {n / 2**20:.2f} MiB " + (f"(ZeRO-1 shard; {full / 2**20:.2f} MiB without)"
-            if zero else f"(full replica; --zero would keep about {full / len(per_rank) / 2**20:.2f} MiB)"))
-    return per_rank
-
-
 def report(args, engine: Engine, model, tokenizer, plan: Plan, stats: dict, log_history: list, start_step: int,
-           seconds: float) -> None:
-    """metrics.json, and rank 0 saves adapter + tokenizer + metrics; a barrier so no rank exits while it writes."""
+           seconds: float, counts: tuple[int, int]) -> None:
+    """metrics.json, and rank 0 saves adapter + tokenizer + metrics; a barrier so no rank exits while it writes.
+    counts: (trainable, total) parameters, counted before --fsdp hides bitsandbytes' packed 4-bit type."""
     steps_done = [h for h in log_history if "loss" in h and h["step"] > start_step]
-    trainable, total = trainable_parameters(model)
+    trainable, total = counts
     metrics = {
         "global_step": log_history[-1]["step"] if log_history else 0, "world_size": dist.get_world_size(),
         "global_batch": plan.global_batch,
         "train_loss": sum(h["loss"] for h in steps_done) / len(steps_done) if steps_done else None,
         "eval_loss": next((h["eval_loss"] for h in reversed(log_history) if "eval_loss" in h), None),
         "train_seconds": seconds, "samples_per_second": len(steps_done) * plan.global_batch / seconds,
-        "trainable_params": trainable, "total_params": total, "zero": args.zero, "backend": dist.get_backend(),
+        "trainable_params": trainable, "total_params": total, "zero": args.zero, "fsdp": args.fsdp,
+        "backend": dist.get_backend(),
         "optimizer": type(getattr(engine.optimizer, "optim", engine.optimizer)).__name__,  # ZeRO: the wrapped one
         "precision": str(compute_dtype(engine.device)).removeprefix("torch."),
         "vocab_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
-        "optimizer_state_bytes_per_rank": optimizer_state_bytes(engine.optimizer, args.zero, engine.device),
         "data": stats, "log_history": log_history,
     }
+    memory, lines = fsdp.memory_per_rank(model, engine.optimizer, args.zero, engine.device)  # a collective
+    metrics.update(memory)  # parameter and optimizer-state bytes per rank
+    say("\n".join(lines))
     if engine.device.type == "cuda":
-        peaks = gather_ints(torch.cuda.max_memory_allocated(engine.device), engine.device)
+        peaks = fsdp.gather_ints(torch.cuda.max_memory_allocated(engine.device), engine.device)
         metrics["peak_gpu_memory_gb_per_rank"] = [round(n / 2**30, 3) for n in peaks]
+    adapter = fsdp.full_trainable_state(model)  # --fsdp: every rank takes part in gathering the LoRA shards
     if dist.get_rank() == 0:
-        save_final(model, tokenizer, Path(args.output_dir), metrics)
+        save_final(model, tokenizer, Path(args.output_dir), metrics, adapter)
         say(f"done: {metrics['global_step']} steps, {metrics['samples_per_second']:.2f} samples/s, "
             f"adapter -> {args.output_dir}")
     dist.barrier()
@@ -382,7 +389,8 @@ def train(args, device: torch.device, resume_from: Path | None) -> None:
     """The recipe. Every rank runs it inside the process group and must reach every collective in the same order."""
     tokenizer, train_ds, val_ds, stats, plan = load_data(args)
     model = build_model(args, device)
-    ddp_model = wrap_ddp(model, device)
+    counts = trainable_parameters(model)
+    ddp_model = fsdp.shard_model(model) if args.fsdp else wrap_ddp(model, device)  # FSDP2 shards model in place
     optimizer, scheduler = build_optimizer(args, ddp_model, plan.total_steps, device)
     engine = Engine(ddp_model, optimizer, scheduler, device, args.max_grad_norm, writer=tensorboard_writer(args))
     torch.manual_seed(args.seed + dist.get_rank())  # training randomness (dropout) differs per rank
@@ -394,7 +402,7 @@ def train(args, device: torch.device, resume_from: Path | None) -> None:
         write_run_args(args.output_dir, run_args_dict(args))  # at the start: --resume checks against it
     collate = SFTCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if device.type == "cuda" else None)
     seconds = train_loop(args, engine, train_ds, val_ds, collate, plan, state["step"], state["log_history"])
-    report(args, engine, model, tokenizer, plan, stats, state["log_history"], state["step"], seconds)
+    report(args, engine, model, tokenizer, plan, stats, state["log_history"], state["step"], seconds, counts)
     if engine.writer:
         engine.writer.close()
 

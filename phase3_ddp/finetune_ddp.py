@@ -7,11 +7,17 @@
 Same data, model, LoRA and 8 GB recipe as phase2_lora/finetune.py (its modules are copied here byte for byte),
 but no Trainer: every DDP step is in view. Each of the W processes ("ranks") holds a full replica (frozen 4-bit
 base + LoRA), reads its own share of every global batch and, in the backward of the last micro-batch, DDP
-all-reduces the LoRA gradients, so every replica takes the identical optimizer step. Order of the work:
+all-reduces the LoRA gradients, so every replica takes the identical optimizer step.
+
+    torchrun --nproc_per_node=2 phase3_ddp/finetune_ddp.py --fsdp   # ZeRO-3: each rank holds 1/W of the model
+
+--fsdp shards every parameter instead (FSDP2 fully_shard, fsdp_shard.py): each rank keeps 1/W of the frozen base
+too, all-gathers one decoder layer's weights just before it runs, and reduce-scatters the gradients; the
+training is the same as DDP's (tests: equal within 1e-5), the per-rank parameter memory about 1/W. Order of the work:
 arguments -> launch checks (this file; only torch imported, so a wrong launch fails in about a second) ->
 the heavy imports and the checks of values and output dir (ddp_train.check_run) -> process group -> the recipe
-(ddp_train.train: data, rank 0 first -> model -> DDP -> optimizer, optionally ZeRO-1 -> resume -> train loop with
-evaluation and checkpoints -> rank 0 saves the PEFT adapter).
+(ddp_train.train: data, rank 0 first -> model -> DDP or FSDP -> optimizer, optionally ZeRO-1 -> resume -> train loop
+with evaluation and checkpoints -> rank 0 saves the PEFT adapter).
 """
 
 import argparse
@@ -174,9 +180,29 @@ def add_ddp_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero", action="store_true",
                    help="ZeRO-1: torch ZeroRedundancyOptimizer wraps the chosen optimizer (paged 8-bit AdamW too), "
                         "so each rank keeps the optimizer state of 1/W of the LoRA weights")
+    p.add_argument("--fsdp", action="store_true",
+                   help="ZeRO-3 instead of DDP: FSDP2 fully_shard per decoder layer, so each rank keeps 1/W of the "
+                        "frozen base, the LoRA weights, their gradients and Adam moments (needs 2+ processes, "
+                        "--quantization 4bit or none, torch AdamW)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA if available")
     p.add_argument("--dist_timeout", type=number(0, 30 * 86400, low_open=True), default=1800,
                    help="seconds a collective may wait for a peer")
+
+
+def check_fsdp(args: argparse.Namespace) -> None:
+    """--fsdp combinations that cannot work, refused before anything loads (the same on every rank)."""
+    if not args.fsdp:
+        return
+    if args.zero:
+        fail("--fsdp already shards the optimizer state (ZeRO-3 includes ZeRO-1): drop --zero")
+    if WORLD_SIZE < 2:
+        fail("--fsdp shards the model over the processes, but this is 1 process: launch 2 or more "
+             "(torchrun --nproc_per_node=2 ...), or drop --fsdp")
+    if args.quantization == "8bit":  # bitsandbytes' Int8Params keeps CB/SCB on the weight, lost when FSDP shards it
+        fail("--fsdp cannot shard LLM.int8 weights (--quantization 8bit); use --quantization 4bit or none")
+    if args.optim == "paged_adamw_8bit":  # bitsandbytes' update kernel has no DTensor (sharded parameter) rule
+        fail("--fsdp cannot use --optim paged_adamw_8bit (bitsandbytes' optimizer does not take sharded "
+             "parameters); use --optim adamw_torch or auto")
 
 
 def pick_device(requested: str) -> torch.device:
@@ -211,6 +237,7 @@ def init_distributed(device: torch.device, timeout_s: float) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_fsdp(args)
     device = pick_device(args.device)
     # The heavy imports only now: a wrong launch costs a second, not the ~10 s of importing transformers + peft.
     from ddp_train import UsageError, check_run, train
@@ -218,6 +245,8 @@ def main(argv=None) -> None:
         resume_from = check_run(args, device)
         # --hub modelscope: every rank resolves the id to the local folder (modelscope locks each file it fetches)
         args.model_name_or_path = resolve_model(args.model_name_or_path, args.hub, UsageError)
+        if os.path.isdir(os.path.expanduser(args.model_name_or_path)):  # adapter_config.json records it: absolute
+            args.model_name_or_path = os.path.realpath(os.path.expanduser(args.model_name_or_path))
     except UsageError as e:
         fail(str(e))
     init_distributed(device, args.dist_timeout)

@@ -4,11 +4,14 @@ QLoRA (Dettmers et al., 2023) = frozen base weights stored in 4-bit NormalFloat 
 de-quantised block by block to bf16/fp16 inside each matmul, plus small trainable LoRA
 matrices A (r x in) and B (out x r) in higher precision. Only A and B get gradients and
 Adam states, which is what lets a 1.8B model train in 8 GB.
+check_chat_model refuses a base model before any of that: LoRA cannot teach it to stop at <|im_end|>.
 """
 
+import contextlib
 import logging
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +27,13 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationConfig,
+)
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 
@@ -96,6 +105,54 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
     tokenizer.padding_side = "right"
     return tokenizer
 
+
+# ---------------------------------------------------------------- a chat model, not a base model
+
+def end_of_turn_text(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant turn with (<|im_end|> for ChatML, <|eot_id|>
+    for Llama 3), found by rendering a probe chat; else the tokenizer's EOS token."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+                                         tokenize=False)
+    after = text[text.rindex("ok") + 2:]
+    for token in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
+        if token and after.lstrip().startswith(token):
+            return token
+    return tokenizer.eos_token
+
+
+def stop_token_ids(name: str, tokenizer, trust_remote_code: bool = False) -> set[int]:
+    """The ids the model's files say generation stops at: the tokenizer's EOS, eos_token_id (int or list) of
+    config.json and of generation_config.json."""
+    ids = [tokenizer.eos_token_id]
+    for load in (partial(AutoConfig.from_pretrained, trust_remote_code=trust_remote_code),
+                 GenerationConfig.from_pretrained):
+        with contextlib.suppress(OSError):  # a file that is not there declares nothing (load_model reports it)
+            eos = load(name).eos_token_id
+            ids += eos if isinstance(eos, list) else [eos]
+    return set(ids) - {None}
+
+
+def check_chat_model(name: str, tokenizer, trust_remote_code: bool = False) -> None:
+    """Refuse a base model (Qwen/Qwen1.5-1.8B, not -Chat). It never saw ChatML: the embedding and lm_head rows of
+    <|im_start|>/<|im_end|> are untrained, and LoRA, which freezes them, cannot teach it to stop. The signal is in
+    the model's files, so local folders count too: a chat model stops at the token its template closes answers
+    with (Qwen1.5-Chat: <|im_end|>); a base model ships the same template but stops at <|endoftext|> only."""
+    if not tokenizer.chat_template:
+        raise UsageError(f"{name} has no chat template (a base model?): fine-tuning trains the model's own chat "
+                         f"format; fine-tune a chat model such as Qwen/Qwen1.5-1.8B-Chat")
+    eot = end_of_turn_text(tokenizer)
+    eot_id, stops = tokenizer.convert_tokens_to_ids(eot), stop_token_ids(name, tokenizer, trust_remote_code)
+    if eot_id not in stops:
+        stops = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} ({i})" for i in sorted(stops))
+        raise UsageError(
+            f"{name} looks like a base model, not a chat model: its template ends each answer with {eot} (id "
+            f"{eot_id}) but it stops only at {stops}, so its {eot} rows were never "
+            f"trained and LoRA, which freezes embeddings and lm_head, cannot teach it to stop; fine-tune the chat "
+            f"model (e.g. Qwen/Qwen1.5-1.8B-Chat), or, if this is one, add {eot_id} to "
+            f"eos_token_id in its generation_config.json")
+
+
+# ---------------------------------------------------------------- the model
 
 def load_model(model_name_or_path: str, quantization: str = "4bit", trust_remote_code: bool = False,
                device_map=None, dtype: torch.dtype | None = None):

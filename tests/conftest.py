@@ -17,6 +17,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -97,6 +98,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def selected_params(request, argname: str) -> list:
+    """The values of the parametrized argument `argname` in the tests of the requesting module that this run
+    selected (-k, node ids): what a module fixture doing all of their work at once (`side_by_side`) has to do."""
+    return [item.callspec.params[argname] for item in request.session.items
+            if getattr(item, "module", None) is request.module
+            and argname in getattr(getattr(item, "callspec", None), "params", {})]
+
+
+def side_by_side(run, keys) -> dict:
+    """{key: run(key)}, as many runs at a time as there are cores: for independent subprocesses that each mostly
+    import libraries on one core, so the suite does not leave the other cores idle."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        return dict(zip(keys, pool.map(run, keys), strict=True))
+
+
 def run_script(script: str, *args, timeout: float = 600, env: dict | None = None,
                input: str | None = None) -> subprocess.CompletedProcess:
     """Run `python <script> <args>` from the repo root; returns the finished process (text mode).
@@ -109,9 +125,15 @@ def run_script(script: str, *args, timeout: float = 600, env: dict | None = None
                           input=input, env={**os.environ, **(env or {})})
 
 
+TINY_MODEL_ENV = "TESTS_TINY_MODEL_DIR"  # set for the pytest runs a test starts (test_planted_bugs.py)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Qwen2 model + Qwen-style tokenizer, built offline once per test session."""
+    """A tiny random Qwen2 model + Qwen-style tokenizer, built offline once per test session; a pytest run started
+    by a test gets the starting session's model through $TESTS_TINY_MODEL_DIR instead of building its own."""
+    if os.environ.get(TINY_MODEL_ENV):
+        return Path(os.environ[TINY_MODEL_ENV])
     out = tmp_path_factory.mktemp("tiny") / "tiny-qwen"
     proc = run_script("phase2_lora/make_tiny_model.py", "--output_dir", out)
     assert proc.returncode == 0, proc.stderr
@@ -165,3 +187,66 @@ def trained_adapter_argv(model_dir: Path, output_dir: Path) -> list[str]:
         "--quantization", "4bit", "--max_samples", TRAINED_N, "--val_size", 0, "--max_steps", 60,
         "--batch_size", TRAINED_N, "--grad_accum", 1, "--lr", 1e-2, "--lora_dropout", 0, "--logging_steps", 5,
         "--save_steps", 1000, "--no_cache")]
+
+
+# ---------------------------------------------------------------- phase 3 DDP: runs shared by several test files
+
+DDP_SCRIPT = "phase3_ddp/finetune_ddp.py"
+THREADS = {"OMP_NUM_THREADS": "1"}  # one thread per process: 2 ranks on 2 cores, no oversubscription
+DDP_STEPS, DDP_SAVE_STEPS = 6, 3  # train_flags' defaults: 5 steps per epoch on sft_json, checkpoints at 3 and 6
+
+
+def torchrun(*args, nproc: int = 2, max_restarts: int = 0, timeout: float = 300, env: dict | None = None,
+             script=REPO / DDP_SCRIPT) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free rendezvous port per launch) with the given script arguments."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}", str(script), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **THREADS, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def sft_json(tmp_path_factory):
+    """40 Alpaca records with answers of 1..24 words (ranks hold very different token counts), plus one
+    invalid and one <nooutput> record that must be skipped."""
+    words = ["alpha", "beta", "gamma", "delta", "apple", "banana", "cherry", "river", "mountain", "ocean", "cloud",
+             "rain", "sun", "moon", "star"]
+    records = [{"instruction": f"Say item {i}", "input": "" if i % 3 else "with some input",
+                "output": " ".join(words[(i * 7 + j) % len(words)] for j in range(1 + (i * 11) % 24))}
+               for i in range(40)]
+    records += [{"instruction": "draw a cat", "input": "", "output": "<nooutput>"}, {"instruction": "", "output": "x"}]
+    return write_json(tmp_path_factory.mktemp("ddp_data") / "sft.json", records)
+
+
+def train_flags(model, data, out, **overrides) -> list[str]:
+    """finetune_ddp.py's flags for a run on sft_json (33 training examples, 7 held out); overrides win."""
+    flags = {"model_name_or_path": model, "data_path": data, "output_dir": out, "max_steps": DDP_STEPS,
+             "grad_accum": 2, "val_size": 7, "save_steps": DDP_SAVE_STEPS, "lr": 1e-3, "lora_dropout": 0,
+             "quantization": "4bit", "device": "cpu", "cache_dir": Path(data).parent / "cache",
+             **overrides}  # gloo on CPU, also on a GPU machine
+    return [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
+
+
+def finished(proc: subprocess.CompletedProcess, out) -> dict:
+    """A finished finetune_ddp.py run: {dir, log (stdout + stderr), adapter (its tensors), metrics}."""
+    from safetensors.torch import load_file
+
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return {"dir": out, "log": proc.stdout + proc.stderr, "adapter": load_file(out / "adapter_model.safetensors"),
+            "metrics": json.loads((out / "metrics.json").read_text(encoding="utf-8"))}
+
+
+@pytest.fixture(scope="session")
+def single(tiny_model_dir, sft_json, tmp_path_factory):
+    """`python finetune_ddp.py`, 1 process x batch 4 x 2 accumulation: the reference for `ddp` (same global batch)."""
+    out = tmp_path_factory.mktemp("single") / "adapter"
+    proc = run_script(DDP_SCRIPT, *train_flags(tiny_model_dir, sft_json, out, batch_size=4), env=THREADS, timeout=300)
+    return finished(proc, out)
+
+
+@pytest.fixture(scope="session")
+def ddp(tiny_model_dir, sft_json, tmp_path_factory):
+    """torchrun, 2 ranks x batch 2 x 2 accumulation, dropout 0, TensorBoard: must equal `single`. Treat as read-only:
+    test_ddp.py and test_ddp_multinode.py (two launchers of one process each) compare against it."""
+    out = tmp_path_factory.mktemp("ddp") / "adapter"
+    return finished(torchrun(*train_flags(tiny_model_dir, sft_json, out, batch_size=2, report_to="tensorboard")), out)

@@ -1,6 +1,8 @@
 """finetune.py refuses a base model (pre-trained only, like Qwen/Qwen1.5-1.8B rather than -Chat) in one line:
 its <|im_end|> rows were never trained and LoRA, which freezes embeddings and lm_head, cannot teach it to stop.
-The tiny base model is make_tiny_model.py --variant base: the chat template, but stop tokens of a base model."""
+The check is qlora_model.check_chat_model (phase3_ddp has a byte-identical copy). The tiny base model is
+make_tiny_model.py --variant base: the chat template, but stop tokens of a base model; with --tokenizer qwen, the
+real ids (<|im_end|> 151645, <|endoftext|> 151643)."""
 
 import json
 import shutil
@@ -11,7 +13,8 @@ from conftest import PERSONA_PATH, REPO, run_script
 
 sys.path.insert(0, str(REPO / "phase2_lora"))
 import finetune  # noqa: E402
-from qlora_model import UsageError, load_tokenizer  # noqa: E402
+from qlora_model import UsageError, check_chat_model, load_tokenizer, stop_token_ids  # noqa: E402
+from qwen_tiny import qwen_model_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +54,29 @@ def test_finetune_refuses_a_base_model(base_model_dir, tmp_path, capsys):
 
 
 def test_chat_model_passes_and_the_documented_fix_works(base_model_dir, tiny_model_dir, tmp_path):
-    finetune.check_chat_model(str(tiny_model_dir), load_tokenizer(tiny_model_dir))  # the tiny chat model: accepted
+    check_chat_model(str(tiny_model_dir), load_tokenizer(tiny_model_dir))  # the tiny chat model: accepted
     # "if this is one (a chat model), add <|im_end|>'s id to eos_token_id in its generation_config.json"
     fixed = shutil.copytree(base_model_dir, tmp_path / "fixed")
     cfg = read(fixed, "generation_config.json")
     (fixed / "generation_config.json").write_text(json.dumps({**cfg, "eos_token_id": [2, 0]}), encoding="utf-8")
-    finetune.check_chat_model(str(fixed), load_tokenizer(fixed))
-    assert finetune.stop_token_ids(str(fixed), load_tokenizer(fixed)) == {0, 2}
+    check_chat_model(str(fixed), load_tokenizer(fixed))
+    assert stop_token_ids(str(fixed), load_tokenizer(fixed)) == {0, 2}
 
 
 def test_a_tokenizer_without_a_chat_template_is_refused(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     tokenizer.chat_template = None
     with pytest.raises(UsageError, match=r"has no chat template \(a base model\?\)"):
-        finetune.check_chat_model(str(tiny_model_dir), tokenizer)
+        check_chat_model(str(tiny_model_dir), tokenizer)
+
+
+def test_real_qwen_ids_chat_accepted_base_refused():
+    """On Qwen's real tokenizer: Qwen1.5-Chat's stop ids pass, the base model's (<|endoftext|> only) do not."""
+    chat, base = qwen_model_dir("chat"), qwen_model_dir("base")
+    assert stop_token_ids(str(chat), load_tokenizer(chat)) == {151643, 151645}
+    check_chat_model(str(chat), load_tokenizer(chat))
+    with pytest.raises(UsageError) as refused:
+        check_chat_model(str(base), load_tokenizer(base))
+    assert str(refused.value).startswith(
+        f"{base} looks like a base model, not a chat model: its template ends each answer with <|im_end|> (id "
+        f"151645) but it stops only at <|endoftext|> (151643)")

@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, persona_records, run_script, user_turn
+from conftest import REPO, persona_records, run_script, side_by_side, user_turn
 
 CHAT = "phase2_lora/chat.py"
 N_PROMPTS = 3  # trained records asked per run
@@ -124,8 +124,8 @@ def merged(trained, tmp_path_factory):
     """{merge_from: dir}: the adapter merged into the original weights and into the de-quantised NF4 ones."""
     adapter, _ = trained
     root = tmp_path_factory.mktemp("merged")
-    for source in ("original", "nf4"):
-        chat("--adapter", adapter, "--merge_to", root / source, "--merge_from", source)
+    side_by_side(lambda source: chat("--adapter", adapter, "--merge_to", root / source, "--merge_from", source),
+                 ["original", "nf4"])
     assert sorted(p.name for p in root.iterdir()) == ["nf4", "original"]  # temp dirs renamed, nothing left over
     return {p.name: p for p in root.iterdir()}
 
@@ -136,22 +136,29 @@ def merged_answers(model_dir, questions) -> list[str]:
     return answers(chat("--model_name_or_path", model_dir, "--greedy", *prompts))
 
 
-def test_merged_model_answers_like_base_plus_adapter(trained, piped, merged):
-    (_, qa), (proc, _) = trained, piped
+@pytest.fixture(scope="module")
+def merged_original_answers(trained, merged) -> list[str]:
+    """The model merged into the original weights, asked every question of `trained` (one chat.py run)."""
+    _, qa = trained
+    return merged_answers(merged["original"], [q for q, _ in qa])
+
+
+def test_merged_model_answers_like_base_plus_adapter(piped, merged, merged_original_answers):
+    proc, _ = piped
     out = merged["original"]
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert (out / "tokenizer.json").is_file() and not (out / "adapter_config.json").exists()
-    piped_answers = answers(proc)  # base + adapter, unquantized weights
-    assert merged_answers(out, [qa[0][0], qa[2][0]]) == [piped_answers[0], piped_answers[2]]
+    piped_answers = answers(proc)  # base + adapter, unquantized weights; q0 and q2 start a conversation
+    assert [merged_original_answers[i] for i in (0, 2)] == [piped_answers[0], piped_answers[2]]
 
 
-def test_merge_from_nf4_answers_like_the_4bit_model_it_was_trained_on(trained, merged):
+def test_merge_from_nf4_answers_like_the_4bit_model_it_was_trained_on(trained, merged, merged_original_answers):
     """The adapter was fitted to dequant(NF4(W)); the tiny model's 4-bit rounding is large, so adding it to
     the original W changes answers, while merging into the de-quantised NF4 weights reproduces them all."""
     _, qa = trained
     questions, trained_answers = [q for q, _ in qa], [a for _, a in qa]
     assert merged_answers(merged["nf4"], questions) == trained_answers  # = 4-bit base + adapter (first test)
-    assert merged_answers(merged["original"], questions) != trained_answers
+    assert merged_original_answers != trained_answers
 
 
 def test_merge_saves_the_base_dtype_and_left_padding(trained, tiny_model_dir, tmp_path):

@@ -1,6 +1,7 @@
 """phase3_ddp: finetune_ddp.py under a REAL 2-process torchrun (gloo on CPU) on the tiny Qwen2.
 
-Four training launches, shared by the tests through module fixtures:
+Four training launches, shared by the tests through fixtures (single and ddp: session fixtures in conftest.py,
+test_ddp_multinode.py compares against ddp too):
   single   python finetune_ddp.py, 1 process, batch 4            } same global batch of 8 per step:
   ddp      torchrun 2 ranks, batch 2 per rank, TensorBoard       } adapters must match (dropout 0)
   ddp_dropout   torchrun 2 ranks, lora_dropout 0.1, 8-bit AdamW  } a crash of rank 1 and a restart must
@@ -12,22 +13,18 @@ settings, the benchmark, and one NCCL rank on CUDA (marked gpu).
 
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_script
-from safetensors.torch import load_file
+from conftest import DDP_SAVE_STEPS as SAVE_STEPS
+from conftest import DDP_SCRIPT as SCRIPT
+from conftest import DDP_STEPS as STEPS
+from conftest import REPO, THREADS, finished, run_script, torchrun, train_flags  # noqa: F401 (torchrun: re-exported)
 
-SCRIPT = "phase3_ddp/finetune_ddp.py"
-THREADS = {"OMP_NUM_THREADS": "1"}  # one thread per process: 2 ranks on 2 cores, no oversubscription
-STEPS, SAVE_STEPS, CRASH_AT = 6, 3, 5  # 5 steps per epoch: checkpoint at 3, crash at 5, resume crosses an epoch
+CRASH_AT = 5  # 5 steps per epoch: checkpoint at SAVE_STEPS = 3, crash at 5, resume crosses an epoch
 # 33 training examples (40 records - 7 held out), 2 x 2 per global micro-batch: 8 full ones and one of a single
 # example (rank 1 runs a masked copy), 2 micro-batches per step: 5 steps, the last with one micro-batch. Nothing is
 # dropped, and the size is not a multiple of the global batch.
@@ -49,66 +46,15 @@ ddp_train.train_step = train_step
 finetune_ddp.main()
 """
 
-# Holds rank 0 back, so that rank 1 fails first and torchrun kills rank 0 before it can say anything.
-SLOW_RANK0_LAUNCHER = f"""
+# Holds rank HELD back until torchrun kills it: the other rank fails first, so only its own line can show.
+HELD_BACK_LAUNCHER = """
 import os, sys, time
-sys.path.insert(0, {str(REPO / "phase3_ddp")!r})
-if os.environ["RANK"] == "0":
+sys.path.insert(0, {phase3!r})
+if os.environ["RANK"] == "{held}":
     time.sleep(20)
 import finetune_ddp
 finetune_ddp.main()
 """
-
-
-def torchrun(*args, nproc: int = 2, max_restarts: int = 0, timeout: float = 300, env: dict | None = None,
-             script=REPO / SCRIPT) -> subprocess.CompletedProcess:
-    """`torchrun --standalone` (a free rendezvous port per launch) with the given script arguments."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={max_restarts}", str(script), *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **THREADS, **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def sft_json(tmp_path_factory):
-    """40 Alpaca records with answers of 1..24 words (ranks hold very different token counts), plus one
-    invalid and one <nooutput> record that must be skipped."""
-    words = ["alpha", "beta", "gamma", "delta", "apple", "banana", "cherry", "river", "mountain", "ocean", "cloud",
-             "rain", "sun", "moon", "star"]
-    records = [{"instruction": f"Say item {i}", "input": "" if i % 3 else "with some input",
-                "output": " ".join(words[(i * 7 + j) % len(words)] for j in range(1 + (i * 11) % 24))}
-               for i in range(40)]
-    records += [{"instruction": "draw a cat", "input": "", "output": "<nooutput>"}, {"instruction": "", "output": "x"}]
-    path = tmp_path_factory.mktemp("ddp_data") / "sft.json"
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
-
-
-def train_flags(model, data, out, **overrides) -> list[str]:
-    flags = {"model_name_or_path": model, "data_path": data, "output_dir": out, "max_steps": STEPS,
-             "grad_accum": 2, "val_size": 7, "save_steps": SAVE_STEPS, "lr": 1e-3, "lora_dropout": 0,
-             "quantization": "4bit", "device": "cpu", "cache_dir": Path(data).parent / "cache",
-             **overrides}  # gloo on CPU, also on a GPU machine
-    return [str(x) for k, v in flags.items() for x in (f"--{k}", v)]
-
-
-def finished(proc: subprocess.CompletedProcess, out) -> dict:
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return {"dir": out, "log": proc.stdout + proc.stderr, "adapter": load_file(out / "adapter_model.safetensors"),
-            "metrics": json.loads((out / "metrics.json").read_text(encoding="utf-8"))}
-
-
-@pytest.fixture(scope="module")
-def single(tiny_model_dir, sft_json, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "adapter"
-    proc = run_script(SCRIPT, *train_flags(tiny_model_dir, sft_json, out, batch_size=4), env=THREADS, timeout=300)
-    return finished(proc, out)
-
-
-@pytest.fixture(scope="module")
-def ddp(tiny_model_dir, sft_json, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "adapter"
-    return finished(torchrun(*train_flags(tiny_model_dir, sft_json, out, batch_size=2, report_to="tensorboard")), out)
 
 
 @pytest.fixture(scope="module")
@@ -290,42 +236,46 @@ def error_messages(stderr: str) -> list[str]:
     return [m[1] for m in re.finditer(r"^(?:\[rank\d+\]: )?(error: .*)$", stderr, re.M)]
 
 
-@pytest.mark.parametrize("case", ["missing_data", "more_processes_than_gpus", "rank0_killed_first", "bad_flag"])
+WRONG_LAUNCH = "error: 2 process(es) on this machine but 0 CUDA GPU(s) visible"
+
+
+@pytest.mark.parametrize("case", ["missing_data", "more_processes_than_gpus", "rank0_killed_first",
+                                  "rank1_killed_first", "bad_flag"])
 def test_bad_input_fails_fast_on_every_rank(case, tiny_model_dir, tmp_path):
     flags = train_flags(tiny_model_dir, tmp_path / "missing.json" if case == "missing_data" else "x.json",
                         tmp_path / "out")
-    expected = {"missing_data": "error: data file not found",
-                "more_processes_than_gpus": "error: 2 process(es) on this machine but 0 CUDA GPU(s) visible",
-                "rank0_killed_first": "error: 2 process(es) on this machine but 0 CUDA GPU(s) visible",
+    expected = {"missing_data": "error: data file not found", "more_processes_than_gpus": WRONG_LAUNCH,
+                "rank0_killed_first": WRONG_LAUNCH, "rank1_killed_first": WRONG_LAUNCH,
                 "bad_flag": "error: argument --batch_size: expected a whole number in [1, 2147483647], got '0'"}[case]
     # torchrun kills the other ranks when one exits, so a line printed by rank 0 alone could be lost: every
-    # rank prints its own. The wrong launch is quick (it fails before the heavy imports), so it runs 10 times,
-    # and once more with rank 0 held back until torchrun kills it.
-    launches = 10 if case == "more_processes_than_gpus" else 1
-    for _ in range(launches):
-        start = time.perf_counter()
-        if case == "bad_flag":
-            proc = run_script(SCRIPT, *flags, "--batch_size", "0", env=THREADS, timeout=120)
-            assert proc.returncode == 2
-        else:
-            gpuless = {"CUDA_VISIBLE_DEVICES": ""}  # 0 GPUs for 2 processes, whatever the machine has
-            extra, env = (["--device", "cuda"], gpuless) if case != "missing_data" else ([], None)
-            script = REPO / SCRIPT
-            if case == "rank0_killed_first":  # the race made certain: without rank 1's own line, nothing shows
-                script = tmp_path / "slow_rank0.py"
-                script.write_text(SLOW_RANK0_LAUNCHER, encoding="utf-8")
-            proc = torchrun(*flags, *extra, timeout=120, env=env, script=script)  # a hung rank would time out
-            # torchrun itself exits 1 whenever a worker fails; its report (after its own traceback) names the
-            # first failing rank, that rank's exit code 2 and, from the error file fail() writes, its error line.
-            assert proc.returncode == 1, proc.stderr[-3000:]
-            root_cause = proc.stderr[proc.stderr.index("Root Cause"):]
-            assert "exitcode  : 2" in root_cause and f"traceback : {expected}" in root_cause, root_cause
-        assert time.perf_counter() - start < 120
-        errors = error_messages(proc.stderr)
-        assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, proc.stderr[-3000:]  # one line per rank at most
-        assert errors[0].startswith(expected), proc.stderr[-3000:]
-        assert not re.search(r'phase3_ddp/\w+\.py", line', proc.stderr)  # no traceback through our code
-        assert not (tmp_path / "out").exists()
+    # rank prints its own. Which rank fails first is a race; the *_killed_first cases make each order certain
+    # (the held-back rank dies before it can print), where repeated plain launches would only sample it.
+    start = time.perf_counter()
+    if case == "bad_flag":
+        proc = run_script(SCRIPT, *flags, "--batch_size", "0", env=THREADS, timeout=120)
+        assert proc.returncode == 2
+    else:
+        gpuless = {"CUDA_VISIBLE_DEVICES": ""}  # 0 GPUs for 2 processes, whatever the machine has
+        extra, env = (["--device", "cuda"], gpuless) if case != "missing_data" else ([], None)
+        script = REPO / SCRIPT
+        if case.endswith("_killed_first"):
+            script = tmp_path / "held_back.py"
+            script.write_text(HELD_BACK_LAUNCHER.format(phase3=str(REPO / "phase3_ddp"), held=case[4]),
+                              encoding="utf-8")
+        proc = torchrun(*flags, *extra, timeout=120, env=env, script=script)  # a hung rank would time out
+        # torchrun itself exits 1 whenever a worker fails; its report (after its own traceback) names the
+        # first failing rank, that rank's exit code 2 and, from the error file fail() writes, its error line.
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        root_cause = proc.stderr[proc.stderr.index("Root Cause"):]
+        assert "exitcode  : 2" in root_cause and f"traceback : {expected}" in root_cause, root_cause
+        if case.endswith("_killed_first"):  # the rank not held back failed first
+            assert f"rank      : {1 - int(case[4])} " in root_cause, root_cause
+    assert time.perf_counter() - start < 120
+    errors = error_messages(proc.stderr)
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, proc.stderr[-3000:]  # one line per rank at most
+    assert errors[0].startswith(expected), proc.stderr[-3000:]
+    assert not re.search(r'phase3_ddp/\w+\.py", line', proc.stderr)  # no traceback through our code
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.gpu

@@ -18,6 +18,8 @@ from conftest import PERSONA_PATH, REPO, write_json
 from safetensors.torch import load_file
 
 sys.path.append(str(REPO / "phase3_ddp"))  # appended: modules already imported (phase 2's identical copies) win
+import ddp_checkpoint  # noqa: E402
+import ddp_data  # noqa: E402
 import ddp_train  # noqa: E402
 import finetune_ddp  # noqa: E402
 import run_files  # noqa: E402
@@ -31,7 +33,7 @@ _spec.loader.exec_module(benchmark)
 
 @pytest.mark.parametrize("scheduler, lr_at_step_5", [("linear", 5e-4), ("constant", 1e-3), ("cosine", 5e-4)])
 def test_weight_decay_and_scheduler_reach_the_optimizer(scheduler, lr_at_step_5):
-    args = SimpleNamespace(optim="auto", lr=1e-3, weight_decay=0.1, zero=False, lr_scheduler=scheduler,
+    args = SimpleNamespace(optim="auto", lr=1e-3, weight_decay=0.1, zero=False, fsdp=False, lr_scheduler=scheduler,
                            warmup_ratio=0.0)
     optimizer, lr_schedule = ddp_train.build_optimizer(args, torch.nn.Linear(2, 2), 10, torch.device("cpu"))
     assert type(optimizer) is torch.optim.AdamW  # on CPU; paged 8-bit AdamW on CUDA (the gpu test)
@@ -75,6 +77,48 @@ def test_every_numeric_flag_refuses_inf_nan_negative_and_huge_values_in_one_line
         assert capsys.readouterr().err.startswith(f"error: argument {flag}: expected ")
     args = finetune_ddp.parse_args(["--seed", str(2**32 - 1), "--val_size", "0", "--max_steps", "-1"])
     assert (args.seed, args.val_size, args.max_steps) == (2**32 - 1, "0", -1)  # the edges still pass
+
+
+# ---------------------------------------------------------------- --fsdp combinations that cannot work (issue 22)
+
+@pytest.mark.parametrize("world_size, argv, expected", [
+    (2, ["--zero"], "error: --fsdp already shards the optimizer state (ZeRO-3 includes ZeRO-1): drop --zero"),
+    (1, [], "error: --fsdp shards the model over the processes, but this is 1 process: launch 2 or more "
+            "(torchrun --nproc_per_node=2 ...), or drop --fsdp"),
+    (2, ["--quantization", "8bit"], "error: --fsdp cannot shard LLM.int8 weights (--quantization 8bit); use "
+                                    "--quantization 4bit or none"),
+    (2, ["--optim", "paged_adamw_8bit"],
+     "error: --fsdp cannot use --optim paged_adamw_8bit (bitsandbytes' optimizer does not take sharded parameters); "
+     "use --optim adamw_torch or auto"),
+], ids=["zero", "one_process", "int8", "bnb_optim"])
+def test_fsdp_refuses_what_cannot_shard_in_one_line(world_size, argv, expected, monkeypatch, capsys):
+    """Checked before any heavy import (finetune_ddp.check_fsdp), on every rank alike; 4-bit and none are sharded
+    (tests/test_ddp_fsdp.py). The last two fail inside FSDP otherwise: 'Parameter' object has no attribute 'CB' (bnb
+    Int8Params loses its CB/SCB when FSDP replaces it), and bitsandbytes.optimizer_update_32bit has no sharding
+    strategy for DTensor parameters."""
+    monkeypatch.setattr(finetune_ddp, "WORLD_SIZE", world_size)
+    monkeypatch.setattr(finetune_ddp, "RANK", 1 if world_size > 1 else 0)
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    with pytest.raises(SystemExit) as e:
+        finetune_ddp.check_fsdp(finetune_ddp.parse_args(["--fsdp", *argv]))
+    prefix = "[rank1]: " if world_size > 1 else ""
+    assert e.value.code == 2 and capsys.readouterr().err == prefix + expected + "\n"
+    finetune_ddp.check_fsdp(finetune_ddp.parse_args([*argv]))  # the same flags without --fsdp pass
+    monkeypatch.setattr(finetune_ddp, "WORLD_SIZE", 2)
+    finetune_ddp.check_fsdp(finetune_ddp.parse_args(["--fsdp", "--quantization", "4bit"]))  # and 4-bit shards
+
+
+def test_eval_batches_cover_every_example_once_and_keep_fsdp_ranks_in_lockstep():
+    """5 validation examples, 2 ranks, batch 2: rank 0 has 2 batches, rank 1 one. Under --fsdp every forward is a
+    collective, so rank 1 gets an empty second batch (a stand-in it runs and discards); without, it stops."""
+    assert ddp_data.eval_batches(5, 0, 2, 2) == ddp_data.eval_batches(5, 0, 2, 2, lockstep=True) == [[0, 2], [4]]
+    assert ddp_data.eval_batches(5, 1, 2, 2) == [[1, 3]]
+    assert ddp_data.eval_batches(5, 1, 2, 2, lockstep=True) == [[1, 3], []]
+    assert ddp_data.eval_batches(1, 1, 2, 4, lockstep=True) == [[]]  # fewer examples than ranks
+    for n, world, batch in ((7, 2, 2), (10, 3, 2), (2, 4, 1)):
+        runs = [ddp_data.eval_batches(n, r, world, batch, lockstep=True) for r in range(world)]
+        assert len({len(run) for run in runs}) == 1  # the same number of forwards on every rank
+        assert sorted(i for run in runs for rows in run for i in rows) == list(range(n))  # each example once
 
 
 # ---------------------------------------------------------------- one all-reduce per optimizer step (§7)
@@ -157,6 +201,22 @@ def test_resume_accepts_what_keeps_the_run_and_refuses_what_changes_it(tmp_path,
         check(4, ["--data_path", str(moved), "--batch_size", "2", "--target_modules", "q_proj", "v_proj"])
     with pytest.raises(ddp_train.UsageError, match="--target_modules q_proj v_proj -> q_proj k_proj v_proj"):
         check(4, ["--data_path", str(data), "--batch_size", "2", "--target_modules", "q_proj", "k_proj", "v_proj"])
+
+
+def test_resume_refuses_a_checkpoint_written_by_the_other_kind_of_run(tmp_path):
+    """A checkpoint records whether --fsdp wrote it (its optimizer state is keyed by parameter name, DDP's by index).
+    run_args.json written before --fsdp existed holds no "fsdp" key, so check_resume_args cannot see the switch:
+    restore_checkpoint refuses it in one line, before loading anything into the model."""
+    from peft import LoraConfig
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = ddp_checkpoint.write_checkpoint(tmp_path, 3, {"w": torch.zeros(1)}, LoraConfig(), optimizer.state_dict(),
+                                           {}, {}, [ddp_checkpoint.rng_state()], {"step": 3, "fsdp": True})
+    with process_group(), pytest.raises(ddp_train.UsageError) as e:
+        ddp_checkpoint.restore_checkpoint(ckpt, model, optimizer, scheduler=None, scaler=None)
+    assert str(e.value) == ("--resume: checkpoint-3 was written with --fsdp; resume with it, or choose another "
+                            "--output_dir")
 
 
 # ---------------------------------------------------------------- the fp16 loss scale survives a resume (§1)

@@ -3,7 +3,8 @@
 
 This is the command a user runs on two servers (with the first server's address as the endpoint): the script
 changes nothing for it, the launcher's rendezvous gives every process its RANK and WORLD_SIZE.
-The runs, their flags and data (the sft_json fixture) are tests/test_ddp.py's, imported."""
+The one-launcher run is the `ddp` session fixture (conftest.py, shared with test_ddp.py): the two launchers repeat
+its flags."""
 
 import os
 import signal
@@ -11,10 +12,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, free_port
-from test_ddp import SCRIPT, THREADS, finished, max_abs_diff, sft_json, torchrun, train_flags  # noqa: F401
-
-STEPS = 2
+from conftest import DDP_SCRIPT, DDP_STEPS, REPO, THREADS, finished, free_port, train_flags
+from test_ddp import max_abs_diff
 
 
 def two_node_launch(flags: list[str]) -> subprocess.CompletedProcess:
@@ -23,7 +22,7 @@ def two_node_launch(flags: list[str]) -> subprocess.CompletedProcess:
     launchers = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=multinode-test", "--max-restarts=0",
-         str(REPO / SCRIPT), *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+         str(REPO / DDP_SCRIPT), *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **THREADS}, start_new_session=True) for node in (0, 1)]
     try:
         logs = [launcher.communicate(timeout=300) for launcher in launchers]
@@ -36,17 +35,13 @@ def two_node_launch(flags: list[str]) -> subprocess.CompletedProcess:
         "".join(out for out, _ in logs), "".join(err for _, err in logs))
 
 
-def test_two_launchers_of_one_process_equal_one_launcher_of_two(tiny_model_dir, sft_json, tmp_path):  # noqa: F811
-    runs = {}
-    for name in ("one_launcher", "two_launchers"):
-        out = tmp_path / name
-        flags = train_flags(tiny_model_dir, sft_json, out, batch_size=2, max_steps=STEPS, save_steps=0)
-        proc = torchrun(*flags) if name == "one_launcher" else two_node_launch(flags)
-        runs[name] = finished(proc, out)
-    one, two = runs["one_launcher"], runs["two_launchers"]
-    assert two["metrics"]["world_size"] == one["metrics"]["world_size"] == 2
+def test_two_launchers_of_one_process_equal_one_launcher_of_two(ddp, tiny_model_dir, sft_json, tmp_path):
+    out = tmp_path / "two_launchers"
+    two = finished(two_node_launch(train_flags(tiny_model_dir, sft_json, out, batch_size=2, report_to="tensorboard")),
+                   out)
+    assert two["metrics"]["world_size"] == ddp["metrics"]["world_size"] == 2
     assert "global batch = 2 per rank x 2 accumulation x 2 ranks = 8 sequences" in two["log"]
     assert max(v.abs().max().item() for k, v in two["adapter"].items() if "lora_B" in k) > 1e-4  # it trained
-    assert max_abs_diff(two["adapter"], one["adapter"]) < 1e-5
-    losses = [[h["loss"] for h in run["metrics"]["log_history"] if "loss" in h] for run in (one, two)]
-    assert len(losses[0]) == STEPS and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert max_abs_diff(two["adapter"], ddp["adapter"]) < 1e-5
+    losses = [[h["loss"] for h in run["metrics"]["log_history"] if "loss" in h] for run in (ddp, two)]
+    assert len(losses[0]) == DDP_STEPS and losses[1] == pytest.approx(losses[0], rel=1e-5)

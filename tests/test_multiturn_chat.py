@@ -6,7 +6,7 @@ back through the history, and only if non-final assistant turns were supervised 
 import json
 
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, run_script, side_by_side
 
 DATA = [REPO / "data" / "multiturn_zh.json", REPO / "data" / "multiturn_zh_sharegpt.jsonl"]
 
@@ -46,6 +46,7 @@ def test_later_answers_come_from_earlier_turns(adapter, tiny_model_dir):
     assert len(checked) == len(conversations()) == 6
     # The middle answers differ between conversations only through what the first user turn said.
     assert len({expected[i] for i in checked}) == 6 and len({conv[1][0] for conv in conversations()}) == 2
-    assert replay("--adapter", adapter) == expected
-    base = replay("--model_name_or_path", tiny_model_dir)
+    runs = side_by_side(lambda args: replay(*args), [("--adapter", adapter), ("--model_name_or_path", tiny_model_dir)])
+    tuned, base = runs.values()
+    assert tuned == expected
     assert len(base) == len(expected) and not set(base) & set(expected)

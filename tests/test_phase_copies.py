@@ -11,7 +11,8 @@ from conftest import REPO
 
 PHASE2, PHASE3 = REPO / "phase2_lora", REPO / "phase3_ddp"
 COPIES = ("qlora_model.py", "sft_data.py", "sft_formats.py", "chunked_loss.py", "model_names.py", "run_files.py")
-OWN = ("finetune_ddp.py", "ddp_train.py", "ddp_data.py", "ddp_checkpoint.py", "benchmark.py")  # what DDP adds
+OWN = ("finetune_ddp.py", "ddp_train.py", "ddp_data.py", "ddp_checkpoint.py", "fsdp_shard.py", "benchmark.py",
+       "benchmark_memory.py")  # what DDP and FSDP add
 # Standalone single files that import none of the copies: the learner's loop and the tensor-parallel demo.
 STANDALONE = ("ddp_minimal.py", "tensor_parallel.py")
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_script
+from conftest import REPO, run_script, side_by_side
 
 sys.path.insert(0, str(REPO / "phase2_lora"))
 from benchmark_tools import PeakMemory, tensor_bytes  # noqa: E402
@@ -131,13 +131,31 @@ def test_chunked_loss_under_the_hf_trainer_with_gradient_accumulation(tiny_model
     assert chunked == pytest.approx(plain, abs=1e-5) and chunked_eval == pytest.approx(plain_eval, abs=1e-5)
 
 
-def test_tiny_benchmark_runs_every_code_path(tmp_path):
+# The two benchmark scripts on the tiny config: {name: (argv, output dir)}. Both run at once (`tiny_runs`): each is
+# mostly imports on one core, and what the tests check is counted memory, not speed.
+TINY_RUNS = {
     # The default, the eager extra row and the end of the cumulative recipe list: between them they take every
     # code path (eager/sdpa, reentrant or not, fused torch/8-bit AdamW, full/chunked loss, fp32/compute-dtype
     # embeddings).
-    proc = run_script("phase2_lora/benchmark.py", "--tiny", "--recipes", "default", "eager", "+bf16frozen",
-                      "--seq_lens", "64", "--batch_sizes", "2", "--steps", "1", "--output_dir", tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    "benchmark": ["phase2_lora/benchmark.py", "--tiny", "--recipes", "default", "eager", "+bf16frozen",
+                  "--seq_lens", "64", "--batch_sizes", "2", "--steps", "1"],
+    "one_step": ["phase2_lora/benchmark_one_step.py", "--tiny", "--seq_lens", 64, 128],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict:
+    """{name: output dir} of TINY_RUNS, side by side, each checked to have finished."""
+    def run(name):
+        out = tmp_path_factory.mktemp(name)
+        proc = run_script(*TINY_RUNS[name], "--output_dir", out, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return out
+    return side_by_side(run, list(TINY_RUNS))
+
+
+def test_tiny_benchmark_runs_every_code_path(tiny_runs):
+    tmp_path = tiny_runs["benchmark"]
     rows = {r["recipe"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
     assert list(rows) == ["default", "eager", "+bf16frozen"]
     tiny = load_benchmark().TINY
@@ -170,13 +188,11 @@ def test_budget_and_cpu_guard(capsys):
 
 # ---------------------------------------------------------------- benchmark_one_step.py: measured vs budget
 
-def test_one_step_benchmark_agrees_with_the_budget_on_the_tiny_config(tmp_path):
+def test_one_step_benchmark_agrees_with_the_budget_on_the_tiny_config(tiny_runs):
     """The real-size CPU benchmark's code path on the tiny config: every static term counted from the tensors
     equals the budget's (NF4 aside: fixed per-tensor code tables weigh a lot in a tiny model), and the profiler's
     peak is within 15% of the budget's total."""
-    proc = run_script("phase2_lora/benchmark_one_step.py", "--tiny", "--seq_lens", 64, 128, "--output_dir", tmp_path,
-                      timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    tmp_path = tiny_runs["one_step"]
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [r["seq_len"] for r in rows] == [64, 128]
     table = (tmp_path / "results.md").read_text()

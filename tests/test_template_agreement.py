@@ -1,7 +1,12 @@
 """Training and inference see the same tokens. For a multi-turn conversation, on Qwen's real tokenizer and on the
-small one: the ids the training data holds (sft_data.tokenize_messages, and the cached dataset finetune.py trains
-on) are exactly apply_chat_template's ids, every inference prompt (the turns before an answer plus the generation
-prompt) is a prefix of them, and the labels cover each assistant answer plus its <|im_end|>, nothing else."""
+small one:
+- every inference prompt (the turns before an answer plus the generation prompt, as chat.py renders it) is a prefix
+  of the ids the training data holds (sft_data.tokenize_messages, and the cached dataset finetune.py trains on);
+- the labels after each such prompt are the answer's own ids plus <|im_end|>, and every other label is -100;
+- the ids are exactly apply_chat_template's ids, except where an answer's first characters merge with the
+  generation prompt's last "\n" in one token of the whole rendered text (an answer that starts with "\n": Qwen's
+  "\n" 198 + "\n" 198 -> "\n\n" 271). There the training ids keep the prompt's tokens, as the model sees them at
+  inference, and the text is still the template's text."""
 
 import sys
 
@@ -58,6 +63,50 @@ def test_training_ids_are_the_template_ids(tokenizer, messages):
     assert all(ex["labels"][i] == expected[i] for i in supervised)
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
     assert tokenizer.decode([ex["labels"][i] for i in sorted(supervised)]) == "<|im_end|>".join(answers) + "<|im_end|>"
+
+
+# Answers whose first characters merge with the generation prompt's last "\n" when the whole text is tokenised at
+# once (Qwen: "\n" + "\n" -> 271, "\n" + "  \n" -> one token): last in a chat, and every answer of a chat.
+NEWLINE_ANSWERS = ["\n```python\nprint(1)\n```", "\n\n好的。\n", "  \n  x = 1"]
+AGAIN = {"role": "user", "content": "Again?"}
+BOUNDARY_CHATS = [CHATS[1] + [AGAIN, {"role": "assistant", "content": NEWLINE_ANSWERS[0]}],
+                  [m for a in NEWLINE_ANSWERS for m in (AGAIN, {"role": "assistant", "content": a})]]
+
+
+def supervised_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of trained labels: one per answer (answers are never adjacent)."""
+    runs = []
+    for i in (i for i, label in enumerate(labels) if label != IGNORE_INDEX):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+@pytest.mark.parametrize("messages", BOUNDARY_CHATS, ids=["last answer", "every answer"])
+def test_an_answer_that_starts_with_a_newline_follows_its_inference_prompt(tokenizer, messages):
+    """Each answer's ids follow its inference prompt's ids exactly, as long as no EARLIER answer starts with a
+    newline. When one does, chat.py (which re-renders the history as text) merges it again with the "\n" before
+    it in a later prompt, while the training sequence keeps it cut as it was when that answer was trained: no one
+    sequence can hold both. The later prompt's text is still the same, and its answer is still its own ids."""
+    ex = tokenize_messages(messages, tokenizer, max_seq_len=4096)
+    ids, labels = ex["input_ids"], ex["labels"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    runs = supervised_runs(labels)
+    assert len(runs) == len(turns)  # every label outside the answers is -100
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    merges = tokenizer("\n\n", add_special_tokens=False)["input_ids"] != newline * 2  # Qwen: 271, not 198 198
+    for n, (i, (start, end)) in enumerate(zip(turns, runs, strict=True)):
+        prompt = template_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        answer = tokenizer(messages[i]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert ids[start:end] == labels[start:end] == answer  # the answer's own ids and <|im_end|>
+        history_cut = any(messages[j]["content"] in NEWLINE_ANSWERS for j in turns[:n])
+        assert (ids[:start] == prompt) == (not (history_cut and merges)), f"turn {i}"
+        assert tokenizer.decode(ids[:start]) == tokenizer.decode(prompt)
+    template = template_ids(tokenizer, messages)
+    assert tokenizer.decode(ids) == tokenizer.decode(template)  # the same text, cut into tokens at the answers
+    assert (ids == template) == (not merges)  # Qwen: the template's own ids merge there, the case this test is for
 
 
 def test_the_cached_dataset_holds_the_same_ids(tokenizer, tmp_path):
