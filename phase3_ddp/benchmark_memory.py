@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 phase3_ddp/benchmark_memory.py                # Qwen1.5-1.8B config
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 phase3_ddp/benchmark_memory.py --config tiny  # same path, seconds
     python phase3_ddp/benchmark_memory.py --budget 7b      # ANALYTIC: Qwen1.5-7B QLoRA on two 8 GB cards
+    torchrun --nproc_per_node=2 phase3_ddp/benchmark_memory.py --device cuda   # 2 GPUs, NCCL: the CUDA allocator
 
 What runs: on every rank, a model with the real config and random weights (no download), the frozen base in bf16
 (not NF4: the unquantised base, as finetune_ddp.py --fsdp --quantization none shards it), LoRA r=16 in fp32
@@ -26,6 +27,8 @@ Measured, per rank, two independent ways:
     "resident" (live bytes when the measured step starts; includes what the accounting does not list: DDP's
     gradient buckets, buffers) and "step peak" (the most bytes live during the step: resident + activations,
     recomputation, all-gathered weights, the logits of one loss chunk).
+  --device cuda (cuda:LOCAL_RANK, NCCL): the CUDA caching allocator instead, above what was allocated before the
+    mode: "resident" = memory_allocated at the step's start, "step peak" = max_memory_allocated, + max reserved.
 Communication: bytes this rank hands to collectives during the measured step (DDP comm hook; the torch.distributed
 calls ZeRO and FSDP make), so what each mode saves can be set beside what it costs.
 """
@@ -42,7 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from finetune_ddp import FailingArgumentParser, fail, whole_number  # one-line errors, exit 2
+from finetune_ddp import FailingArgumentParser, fail, pick_device, whole_number  # one-line errors, exit 2
 
 MODES = ("ddp", "zero1", "fsdp")
 # config.json of Qwen/Qwen1.5-1.8B(-Chat) and Qwen/Qwen1.5-7B(-Chat): the fields that fix the parameter count.
@@ -68,6 +71,8 @@ def parse_args(argv=None):
                         "1.5-3.5 GFLOP/s (a 1.8B step at 32 tokens took over 20 min per mode on the 2-core sandbox); "
                         "the static terms do not depend on it, activations grow linearly with it")
     p.add_argument("--chunk_size", type=whole_number(1, 8192), default=256, help="rows per loss chunk")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: one GPU per rank (cuda:LOCAL_RANK) over NCCL, memory from the CUDA allocator")
     p.add_argument("--output_json", type=Path, default=None, help="rank 0 writes every rank's results here")
     p.add_argument("--budget", choices=("7b",), default=None,
                    help="print the ANALYTIC per-rank budget of Qwen1.5-7B QLoRA on two 8 GB GPUs and exit")
@@ -84,7 +89,7 @@ def qwen_config(name: str):
     return Qwen2Config(**values)
 
 
-def build(config, mode: str, chunk_size: int):
+def build(config, mode: str, chunk_size: int, device: torch.device):
     """(model, module to call, optimizer) on this rank; the same seed gives every rank the same weights."""
     from chunked_loss import enable_chunked_loss
     from fsdp_shard import shard_model
@@ -93,7 +98,7 @@ def build(config, mode: str, chunk_size: int):
     from torch.nn.parallel import DistributedDataParallel as DDP
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # bf16 directly: no fp32 copy
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device)  # bf16: no fp32 copy
     model = add_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, gradient_checkpointing=True)
     enable_chunked_loss(model, chunk_size=chunk_size).train()
     if mode == "fsdp":
@@ -103,7 +108,7 @@ def build(config, mode: str, chunk_size: int):
         # no buckets for it) and all-reduces the LoRA gradients only.
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
         DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        runner = DDP(model)
+        runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-4) if mode == "zero1"
                  else torch.optim.AdamW(params, lr=1e-4))
@@ -111,7 +116,7 @@ def build(config, mode: str, chunk_size: int):
 
 
 def train_step(runner, optimizer, batch: dict) -> float:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16):
         loss = runner(**batch).loss
     loss.backward()
     optimizer.step()
@@ -203,25 +208,40 @@ def timeline(prof, step_name: str) -> dict[str, int]:
     return {"build peak": build_peak, "resident": resident, "step peak": step_peak}
 
 
-def measure(config, mode: str, args) -> dict:
+def measure(config, mode: str, args, device: torch.device) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
     gen = torch.Generator().manual_seed(1 + dist.get_rank())  # each rank its own batch, as in data parallelism
-    ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=gen)  # (B=1, T)
+    ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=gen).to(device)  # (B=1, T)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    comm = collections.Counter()
+    comm, cuda = collections.Counter(), device.type == "cuda"
+    if cuda:  # cuBLAS keeps a workspace per (handle, stream) from its first matmul on: make this thread's and
+        x = torch.ones(16, 16, device=device, dtype=torch.bfloat16, requires_grad=True)  # autograd's (backward)
+        torch.nn.functional.linear(x, x, x[0]).sum().backward()  # now, so that they fall in `base` below
     gc.collect()
+    if cuda:  # the previous mode's blocks back to the driver; peaks from here
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)  # the batch, cuBLAS workspaces: not this mode's
     began = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model, runner, optimizer = build(config, mode, args.chunk_size)
+    with contextlib.nullcontext() if cuda else profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model, runner, optimizer = build(config, mode, args.chunk_size, device)
         for p in model.parameters():
             if p.requires_grad:  # gradients and Adam state allocated, without a second (slow) training step
                 p.grad = torch.zeros_like(p)
         optimizer.step()
         if mode != "fsdp":
             runner.register_comm_hook(None, ddp_counting_hook(comm))
+        if cuda:  # the allocator's counters are kept on the host at each malloc/free: no synchronize needed
+            memory = {"build peak": torch.cuda.max_memory_allocated(device) - base,
+                      "resident": torch.cuda.memory_allocated(device) - base}
+            torch.cuda.reset_peak_memory_stats(device)
         with record_function("measured step"), count_collectives(runner, comm):
             loss = train_step(runner, optimizer, batch)
-    result = {"mode": mode, "rank": dist.get_rank(), "loss": loss, **timeline(prof, "measured step"),
+    if cuda:
+        memory |= {"step peak": torch.cuda.max_memory_allocated(device) - base,
+                   "reserved": torch.cuda.max_memory_reserved(device)}
+    result = {"mode": mode, "rank": dist.get_rank(), "device": device.type, "loss": loss,
+              **(memory if cuda else timeline(prof, "measured step")),
               "measured": accounting(model, optimizer), "formula": formula(model, mode, dist.get_world_size()),
               "communication": dict(comm), "seconds": time.perf_counter() - began}
     del prof, model, runner, optimizer
@@ -261,7 +281,8 @@ def notes(results: list[dict]) -> str:
                      f"{r['measured']['frozen base'] / static:.1%}; resident - static (buffers, DDP buckets) "
                      f"{(r['resident'] - static) / MIB:,.1f} MiB; step peak - resident (activations, gathered "
                      f"weights, loss chunk) {(r['step peak'] - r['resident']) / MIB:,.1f} MiB; "
-                     f"peak while building {r['build peak'] / MIB:,.1f} MiB")
+                     f"peak while building {r['build peak'] / MIB:,.1f} MiB" +
+                     (f"; CUDA reserved (peak) {r['reserved'] / MIB:,.1f} MiB" if "reserved" in r else ""))
     if "ddp" in by and "zero1" in by:
         saved = by["ddp"]["measured"]["Adam state"] - by["zero1"]["measured"]["Adam state"]
         lines.append(f"ZeRO-1 saves the Adam state only: {saved / MIB:,.1f} MiB on rank 0")
@@ -363,12 +384,14 @@ def main(argv=None) -> None:
         fail("the modes differ only over several ranks: run under torchrun --nproc_per_node=2 (or use --budget 7b)")
     if args.chunk_size > args.seq_len:
         args.chunk_size = args.seq_len
-    dist.init_process_group("gloo")
+    device = pick_device(args.device)  # cuda: cuda:LOCAL_RANK; an error if this machine has fewer GPUs than ranks
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     try:
         config = qwen_config(args.config)
         results = []
         for mode in args.modes:
-            mine = measure(config, mode, args)
+            mine = measure(config, mode, args, device)
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
             results += gathered

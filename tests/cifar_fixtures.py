@@ -1,10 +1,20 @@
 """CIFAR-10-format data sets written by tests: the official python-version layout (Python-2 pickles, bytes keys,
 uint8 (N, 3072) pixels in R,G,B planes), filled with ten classes of easily learnable patterns. Used by
-tests/test_phase1_cnn.py and the grader tests/acceptance/test_grade_train_minimal.py."""
+tests/test_phase1_cnn.py, tests/test_phase1_inputs.py and the grader tests/acceptance/test_grade_train_minimal.py.
 
+The end of the file holds what both test_phase1_*.py files share: the phase-1 helpers and two fixtures. Those files
+register this module as a plugin (pytest_plugins), so its session-scoped fixtures exist once and the two files share
+one trained run instead of training it twice.
+PYTEST_DONT_REWRITE: those files import it before pytest registers it, too late for assert rewriting; the marker
+silences pytest's warning about that (the one assert here carries its own message)."""
+
+import importlib.util
 import struct
+import sys
 
 import numpy as np
+import pytest
+from conftest import REPO, run_script
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -71,3 +81,47 @@ def write_cifar_like(root, n_per_file: int = 50, n_test: int = 100, seed: int = 
     meta = {b"num_cases_per_batch": n_per_file, b"label_names": [n.encode() for n in CLASS_NAMES], b"num_vis": 3072}
     (folder / "batches.meta").write_bytes(py2_pickle(meta))
     return root
+
+
+# ---------------------------------------------------------------- phase 1, shared by tests/test_phase1_*.py
+
+PHASE = REPO / "phase1_cnn"
+# Small budgets that still learn the data below well above chance (0.1) on a CPU in a few seconds.
+LENET_ARGS = ["--model", "lenet5", "--epochs", "12", "--batch_size", "20", "--lr", "0.01", "--val_size", "50"]
+CNN_ARGS = ["--model", "resnet9", "--width", "16", "--epochs", "4", "--batch_size", "25", "--lr", "0.2",
+            "--val_size", "50"]
+
+
+def load_phase1(name: str):
+    """Import phase1_cnn/<name>.py in-process under a unique module name; siblings resolve via sys.path."""
+    if str(PHASE) not in sys.path:
+        sys.path.append(str(PHASE))  # appended: never shadows an installed package
+    spec = importlib.util.spec_from_file_location(f"phase1_{name}", PHASE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Tiny models gain nothing from intra-op threads, and on a busy machine spinning OpenMP threads slow them 5x.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def run_phase1(script: str, *args, env: dict | None = None):
+    return run_script(f"phase1_cnn/{script}", *args, env={**ONE_THREAD, **(env or {})})
+
+
+def train(data_dir, out_dir, *args, **kw):
+    return run_phase1("train.py", "--data_dir", data_dir, "--output_dir", out_dir, *args, **kw)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    return write_cifar_like(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="session")
+def cnn_run(cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cnn_run")
+    proc = train(cifar_dir, out, *CNN_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

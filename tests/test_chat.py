@@ -75,8 +75,9 @@ def test_compare_shows_base_answers_differ(trained):
 
 
 def test_a_relative_base_path_is_found_from_another_folder(trained, tiny_model_dir, tmp_path):
-    """finetune.py records --model_name_or_path as given, e.g. checkpoints/tiny-qwen: relative to the folder
-    training ran in. chat.py run from elsewhere finds that base above the adapter (and says where)."""
+    """Adapters written before finetune.py recorded absolute paths (and adapters edited by hand) may hold a base
+    relative to the folder training ran in, e.g. checkpoints/tiny-qwen. chat.py run from elsewhere finds that base
+    above the adapter (and says where)."""
     adapter, qa = trained
     project = tmp_path / "project"
     (project / "checkpoints").mkdir(parents=True)
