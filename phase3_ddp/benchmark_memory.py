@@ -402,6 +402,7 @@ def main(argv=None) -> None:
         if dist.get_rank() == 0:
             print(table(results, dist.get_world_size(), args.config, args.seq_len))
             print(notes(results))
+        dist.barrier()  # rank 0 still prints: gloo may abort a rank whose group is torn down before its peer's
     finally:
         dist.destroy_process_group()
 
