@@ -9,10 +9,12 @@ collator) is sft_data.py, a byte-identical copy of phase2_lora/sft_data.py. This
   reads exactly the examples a single process with W times the batch would read; every example once per epoch.
 - MaskedCopies: the dataset as that sampler indexes it, with the masked stand-ins a short micro-batch needs.
 - eval_batches: which validation examples each rank evaluates, in lockstep under --fsdp.
+- target_tokens, epoch_note: an epoch's supervised tokens, and the start-up line on how its examples fill the steps.
 """
 
 import math
 
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from qlora_model import UsageError
@@ -113,3 +115,21 @@ def eval_batches(n: int, rank: int, world_size: int, batch_size: int, lockstep: 
     mine = list(range(rank, n, world_size))
     count = math.ceil(math.ceil(n / world_size) / batch_size) if lockstep else math.ceil(len(mine) / batch_size)
     return [mine[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+
+
+def target_tokens(ds) -> int:
+    """Supervised tokens in one epoch of ds: labels != IGNORE_INDEX, less each row's first (it predicts nothing)."""
+    labels = ds.with_format("arrow")["labels"].combine_chunks()  # (rows, variable length), the split's rows
+    supervised = pc.sum(pc.not_equal(labels.flatten(), IGNORE_INDEX)).as_py() or 0
+    return supervised - (pc.sum(pc.not_equal(pc.list_element(labels, 0), IGNORE_INDEX)).as_py() or 0)
+
+
+def epoch_note(n: int, micro: int, world: int, n_micro: int, grad_accum: int) -> str:
+    """The start-up line that says how an epoch's examples fill its steps (none is dropped)."""
+    note = f"every one of the {n} training examples is trained once per epoch"
+    if n % micro:
+        masked = f" ({world - n % micro} rank(s) run a masked copy: no loss, no tokens)" if n % micro < world else ""
+        note += f"; one global micro-batch holds {n % micro} of {micro}{masked}"
+    if n_micro % grad_accum:
+        note += f"; the last step of an epoch has {n_micro % grad_accum} of {grad_accum} micro-batches"
+    return note

@@ -19,12 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsdp_shard as fsdp
-import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from chunked_loss import enable_chunked_loss
 from ddp_checkpoint import restore_checkpoint, save_checkpoint, save_final
-from ddp_data import LengthGroupedDistributedSampler, MaskedCopies, eval_batches, load_on_rank0_first
+from ddp_data import (
+    LengthGroupedDistributedSampler,
+    MaskedCopies,
+    epoch_note,
+    eval_batches,
+    load_on_rank0_first,
+    target_tokens,
+)
 from qlora_model import (
     UsageError,
     add_lora,
@@ -51,8 +57,7 @@ from transformers.utils import logging as hf_logging
 # (its checkpoints hold the optimizer state by parameter name, DDP's by index).
 # How long to train, logging and saving may change; so may the data files' paths while their bytes stay the same.
 RESUME_KEYS = ("data_path", "data_sha256", "max_samples", "val_size", "system", "max_seq_len", "train_on_prompt",
-               "packing",
-               "seed", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
+               "packing", "seed", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
                "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "global_micro_batch", "grad_accum",
                "optim", "device", "fsdp")
 IS_RANK0 = int(os.environ.get("RANK", 0)) == 0  # set by torchrun; plain python is rank 0 of 1
@@ -142,24 +147,6 @@ def load_data(args):
         f"= {global_batch} sequences per optimizer step; {steps_per_epoch} steps per epoch, {total_steps} steps")
     say(epoch_note(len(train_ds), micro, world, n_micro, args.grad_accum))
     return tokenizer, train_ds, val_ds, stats, Plan(global_batch, steps_per_epoch, total_steps)
-
-
-def target_tokens(ds) -> int:
-    """Supervised tokens in one epoch of ds: labels != IGNORE_INDEX, less each row's first (it predicts nothing)."""
-    labels = ds.with_format("arrow")["labels"].combine_chunks()  # (rows, variable length), the split's rows
-    supervised = pc.sum(pc.not_equal(labels.flatten(), IGNORE_INDEX)).as_py() or 0
-    return supervised - (pc.sum(pc.not_equal(pc.list_element(labels, 0), IGNORE_INDEX)).as_py() or 0)
-
-
-def epoch_note(n: int, micro: int, world: int, n_micro: int, grad_accum: int) -> str:
-    """The start-up line that says how an epoch's examples fill its steps (none is dropped)."""
-    note = f"every one of the {n} training examples is trained once per epoch"
-    if n % micro:
-        masked = f" ({world - n % micro} rank(s) run a masked copy: no loss, no tokens)" if n % micro < world else ""
-        note += f"; one global micro-batch holds {n % micro} of {micro}{masked}"
-    if n_micro % grad_accum:
-        note += f"; the last step of an epoch has {n_micro % grad_accum} of {grad_accum} micro-batches"
-    return note
 
 
 def build_model(args, device: torch.device):

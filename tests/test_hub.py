@@ -12,7 +12,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO, free_port, run_script
+from conftest import PERSONA_PATH, REPO, free_port, run_script
 
 sys.path.insert(0, str(REPO / "phase2_lora"))
 from model_names import (  # noqa: E402
@@ -194,8 +194,8 @@ def test_chat_answers_with_a_model_from_modelscope(stubs, tiny_model_dir, tmp_pa
 ])
 def test_each_script_says_how_to_install_modelscope(stubs, tmp_path, script, args, env):
     args = [str(free_port()) if a == "PORT" else a for a in args]
-    if "finetune" in script:
-        args += ["--output_dir", tmp_path / "out"]
+    if "finetune" in script:  # a data file that exists: finetune_ddp.py checks it before anything else loads
+        args += ["--output_dir", tmp_path / "out", "--data_path", PERSONA_PATH]
     proc = run_script(script, *args, "--model_name_or_path", QWEN, env=stub_env(stubs, "missing", **env),
                       timeout=300)
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
