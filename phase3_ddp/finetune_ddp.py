@@ -206,8 +206,10 @@ def check_fsdp(args: argparse.Namespace) -> None:
 
 
 def check_data_files(args: argparse.Namespace) -> None:
-    """The most common first error (the default --data_path before its download), told in a second, not after
-    the ~10 s of importing the libraries; sft_data reports every other problem with the data."""
+    """The most common first error (the default --data_path before its download), told before the ~10 s of
+    importing transformers and peft (a 2-rank launch: 4 s instead of ~15 s). The same check and message as
+    sft_formats.read_json_records, which cannot be called here (it imports them); it still reports every other
+    problem with the data."""
     for path in args.data_path:
         if not os.path.isfile(path):
             fail(f"data file not found: {path} (download it as described in data/README.md, "

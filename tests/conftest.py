@@ -78,8 +78,9 @@ def impl_path(request):
     return path
 
 
-# The longest test files (each ~90 s of one-core work: many scripts graded or run side by side) start first, so that
-# under `-n 2` (pytest-xdist, one test file per worker at a time) neither is left running on one worker at the end.
+# The longest test files (90-180 s each when run alone: many scripts graded, run or launched with torchrun) start
+# first, so that under `-n 2 --dist loadscope` (pytest-xdist: each file stays on one worker) none of them is left
+# running on one worker at the end while the other idles.
 LONGEST_FIRST = ("test_planted_bugs.py", "test_progress_piped.py", "test_ddp.py")
 
 
